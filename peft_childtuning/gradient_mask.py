@@ -1,0 +1,87 @@
+"""Mode "f": the per-step Bernoulli gradient mask, and the optimizer-step counter that seeds it.
+
+A mask is a pure function of (seed, optimizer step, tensor name): the same run twice gives the same weights, every
+process of a multi-process run draws the same masks, and all micro-batches of one accumulated step share one mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+
+def mask_seed(seed: int, step: int, tensor_key: str) -> int:
+    """A 63-bit generator seed for one tensor at one optimizer step (stable across processes and Python runs)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{tensor_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def bernoulli_keep_mask(
+    shape: torch.Size, reserve_p: float, seed: int, step: int, tensor_key: str, device: torch.device
+) -> torch.Tensor:
+    """The 0/1 float mask of Child-Tuning-F: each entry kept with probability `reserve_p`."""
+    generator = torch.Generator(device=device).manual_seed(mask_seed(seed, step, tensor_key))
+    return (torch.rand(shape, generator=generator, device=device) < reserve_p).to(torch.float32)
+
+
+class MaskStepCounter:
+    """Counts the optimizer steps that update a model's mode-"f" tensors.
+
+    Gradient hooks cannot tell a micro-batch from an optimizer step, so the count comes from torch's global
+    optimizer-step hook, which every optimizer (fused AdamW included) calls. `step` can be set, e.g. when resuming.
+    """
+
+    def __init__(self, trainable_parameters: Callable[[], list[torch.nn.Parameter]]) -> None:
+        self.step = 0
+        self._trainable_parameters = trainable_parameters
+        self._register()
+
+    def _register(self) -> None:
+        counter_ref = weakref.ref(self)
+
+        def after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            counter = counter_ref()
+            if counter is not None and counter._updated_by(optimizer):
+                counter.step += 1
+
+        self._handle = register_optimizer_step_post_hook(after_optimizer_step)
+
+    def _updated_by(self, optimizer: torch.optim.Optimizer) -> bool:
+        ours = {id(parameter) for parameter in self._trainable_parameters()}
+        return any(id(parameter) in ours for group in optimizer.param_groups for parameter in group["params"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle) registers a hook of its own instead of sharing the original's handle
+        return {"step": self.step, "_trainable_parameters": self._trainable_parameters}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._register()
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.remove()
+
+
+class BernoulliGradientMask(torch.autograd.Function):
+    """Identity in the forward; in the backward, multiplies the gradient by a fresh Bernoulli(p) mask / p.
+
+    Living in the autograd graph (rather than as a hook on the Parameter object) it survives peft replacing adapter
+    Parameters when it moves or upcasts them, and it works with any optimizer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor, reserve_p: float, seed: int, step: int, tensor_key: str) -> torch.Tensor:
+        ctx.mask_args = (reserve_p, seed, step, tensor_key)
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        reserve_p, seed, step, tensor_key = ctx.mask_args
+        keep = bernoulli_keep_mask(grad.shape, reserve_p, seed, step, tensor_key, grad.device)
+        return grad * (keep.to(grad.dtype) / reserve_p), None, None, None, None

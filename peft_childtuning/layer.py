@@ -1,0 +1,367 @@
+"""The Child-Tuning layer: wraps a module and substitutes child values for some entries of its weight (and bias).
+
+Per adapter and tuned tensor (``weight``, optionally ``bias``) the layer holds
+
+- ``childtuning_values`` / ``childtuning_bias_values``: the trainable values of the child entries (fp32 masters).
+  Mode "d": a 1-D tensor of the k_t child entries. Mode "f": a full-shape copy of the tensor (every entry may move).
+- ``childtuning_positions`` / ``childtuning_bias_positions``: mode "d" only, the sorted flat positions of the child
+  entries in the base tensor (int32 buffers).
+
+The base tensors are never written while unmerged. The forward composes ``W`` with the child values; for Linear and
+GPT-2's Conv1D a custom autograd function does it one layer at a time without keeping the composed copy alive from
+forward to backward. Merging writes the child values into ``W`` and keeps the overwritten originals, so unmerging
+restores them exactly (no subtraction, no drift in any dtype).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import ChildTuningConfig
+from .fisher import random_child_positions
+from .gradient_mask import BernoulliGradientMask, MaskStepCounter
+
+# tuned tensor name -> (values container, positions container)
+TUNED_TENSOR_CONTAINERS = {
+    "weight": ("childtuning_values", "childtuning_positions"),
+    "bias": ("childtuning_bias_values", "childtuning_bias_positions"),
+}
+# relative scale of the noise that init_weights=False adds to the child values
+_TEST_INIT_NOISE = 0.1
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What a layer needs to know of an adapter's config."""
+
+    mode: str
+    reserve_p: float
+    seed: int
+    awaits_fisher_pass: bool
+
+
+def position_dtype(num_entries: int) -> torch.dtype:
+    """int32 flat positions where they fit (half the bytes of int64), else int64."""
+    return torch.int32 if num_entries <= torch.iinfo(torch.int32).max else torch.int64
+
+
+def scatter_child(base: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A new tensor equal to `base` with `values` (cast to its dtype) at the flat `positions`: differentiable in values."""
+    flat = base.reshape(-1).index_put((positions.long(),), values.to(base.dtype))
+    return flat.view_as(base)
+
+
+class _ChildLinearFunction(torch.autograd.Function):
+    """y = x @ W_child^T + b, where W_child is W with the child values scattered in.
+
+    W_child is built in the forward and again in the backward, and never saved: only x, W, the values and positions
+    are, as a plain linear layer would save x and W. The backward forms the dense weight gradient of this one layer
+    and gathers it at the child positions.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        weight_is_in_by_out: bool,
+    ) -> torch.Tensor:
+        composed = scatter_child(weight, values, positions)
+        output = F.linear(x, composed.t() if weight_is_in_by_out else composed, bias)
+        ctx.save_for_backward(x, weight, values, positions)
+        ctx.weight_is_in_by_out = weight_is_in_by_out
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        x, weight, values, positions = ctx.saved_tensors
+        grad_x = grad_weight = grad_values = grad_bias = None
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        if ctx.needs_input_grad[0]:
+            composed = scatter_child(weight, values, positions).to(grad_output.dtype)
+            linear_weight = composed.t() if ctx.weight_is_in_by_out else composed
+            grad_x = (grad_output @ linear_weight).to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            x_rows = x.reshape(-1, x.shape[-1]).to(grad_output.dtype)
+            dense = x_rows.t() @ grad_rows if ctx.weight_is_in_by_out else grad_rows.t() @ x_rows
+            if ctx.needs_input_grad[2]:
+                grad_values = dense.reshape(-1)[positions.long()].to(values.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = dense.reshape(-1).index_fill(0, positions.long(), 0).view_as(weight).to(weight.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_bias = grad_rows.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_values, None, grad_bias, None
+
+
+class ChildTuningLayer(BaseTunerLayer):
+    """Child-Tuning adapter state and logic, for any module with a `weight` (Linear, Conv1D, Embedding, norms...)."""
+
+    adapter_layer_names = ("childtuning_values", "childtuning_bias_values")
+    other_param_names = ("childtuning_positions", "childtuning_bias_positions", "childtuning_spec")
+
+    def __init__(self, base_layer: nn.Module, module_key: str, step_counter: MaskStepCounter, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.childtuning_values = nn.ParameterDict({})
+        self.childtuning_bias_values = nn.ParameterDict({})
+        self.childtuning_positions = BufferDict(persistent=True)
+        self.childtuning_bias_positions = BufferDict(persistent=True)
+        self.childtuning_spec: dict[str, AdapterSpec] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        # the base values that merging overwrote, per (adapter, tensor name): unmerge copies them back
+        self._merge_originals: dict[tuple[str, str], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
+        self.module_key = module_key
+        self.step_counter = step_counter
+        base = self.get_base_layer()
+        if isinstance(base, Conv1D):
+            self.in_features, self.out_features = base.weight.shape
+        elif isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+
+    # ----------------------------------------------------------------------------------------------- creation
+    def tuned_tensor_names(self, adapter_name: str) -> list[str]:
+        return [
+            name
+            for name, (values_attr, _) in TUNED_TENSOR_CONTAINERS.items()
+            if adapter_name in getattr(self, values_attr)
+        ]
+
+    def tensor_key(self, tensor_name: str) -> str:
+        """The name of a tuned tensor in the base model, e.g. 'encoder.layer.0.attention.self.query.weight'."""
+        return f"{self.module_key}.{tensor_name}"
+
+    def update_layer(self, adapter_name: str, config: ChildTuningConfig) -> None:
+        base = self.get_base_layer()
+        names = ["weight"] + (["bias"] if config.tune_bias and getattr(base, "bias", None) is not None else [])
+        self.childtuning_spec[adapter_name] = AdapterSpec(
+            config.mode, config.reserve_p, config.seed, config.needs_fisher_pass
+        )
+        for tensor_name in names:
+            tensor = getattr(base, tensor_name)
+            values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
+            if config.mode == "f":
+                values = tensor.detach().clone()
+            else:
+                key = self.tensor_key(tensor_name)
+                size = (config.child_sizes or {}).get(key, 0)
+                if config.selection == "random":
+                    positions = random_child_positions(tensor.numel(), size, config.seed, key)
+                else:  # Fisher: a placeholder, replaced by detect_child_network or by the loaded adapter
+                    positions = torch.arange(size)
+                positions = positions.to(device=tensor.device, dtype=position_dtype(tensor.numel()))
+                getattr(self, positions_attr)[adapter_name] = positions
+                values = tensor.detach().reshape(-1)[positions.long()]
+            if not config.init_weights:
+                values = values.float() + _TEST_INIT_NOISE * torch.randn(values.shape, device=values.device)
+            getattr(self, values_attr)[adapter_name] = nn.Parameter(values, requires_grad=True)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def set_child_network(self, adapter_name: str, tensor_name: str, positions: torch.Tensor) -> None:
+        """Make `positions` (sorted flat positions) the child network of one tensor; values restart from the base.
+
+        The values Parameter is resized in place, so an optimizer created earlier still holds it.
+        """
+        if self.merged:
+            raise RuntimeError("Unmerge the adapter before choosing its child network.")
+        base_tensor = getattr(self.get_base_layer(), tensor_name)
+        values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
+        positions = positions.to(device=base_tensor.device, dtype=position_dtype(base_tensor.numel()))
+        getattr(self, positions_attr)[adapter_name] = positions
+        parameter = getattr(self, values_attr)[adapter_name]
+        parameter.data = base_tensor.detach().reshape(-1)[positions.long()].to(parameter.dtype)
+        parameter.grad = None
+        spec = self.childtuning_spec[adapter_name]
+        self.childtuning_spec[adapter_name] = AdapterSpec(spec.mode, spec.reserve_p, spec.seed, False)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def _check_ready_to_train(self, adapter_names: list[str]) -> None:
+        if not (torch.is_grad_enabled() and self.training):
+            return
+        for adapter_name in adapter_names:
+            if self.childtuning_spec[adapter_name].awaits_fisher_pass:
+                raise RuntimeError(
+                    f"Child-Tuning-D adapter '{adapter_name}' has no child network yet: call "
+                    "model.detect_child_network(train_dataloader) before training (or use "
+                    "ChildTuningConfig(selection='random') for a random child network, or add ChildTuningCallback "
+                    "to the Trainer)."
+                )
+
+    def _trainable_values(self, adapter_name: str, tensor_name: str) -> torch.Tensor:
+        """The adapter's values for one tensor; in mode "f" routed through the per-step Bernoulli gradient mask."""
+        values = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name]
+        spec = self.childtuning_spec[adapter_name]
+        if spec.mode == "f" and values.requires_grad and torch.is_grad_enabled() and spec.reserve_p < 1.0:
+            return BernoulliGradientMask.apply(
+                values, spec.reserve_p, spec.seed, self.step_counter.step, self.tensor_key(tensor_name)
+            )
+        return values
+
+    def _positions(self, adapter_name: str, tensor_name: str) -> Optional[torch.Tensor]:
+        positions = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])
+        return positions[adapter_name] if adapter_name in positions else None
+
+    def compose(self, tensor_name: str, adapter_names: list[str]) -> torch.Tensor:
+        """The tensor as the active adapters see it, differentiable in their values.
+
+        One adapter: its child values replace the base entries. Several: their changes against the base add up.
+        """
+        base_tensor = getattr(self.get_base_layer(), tensor_name)
+        adapters = [name for name in adapter_names if tensor_name in self.tuned_tensor_names(name)]
+        if not adapters:
+            return base_tensor
+        if len(adapters) == 1:
+            values = self._trainable_values(adapters[0], tensor_name)
+            positions = self._positions(adapters[0], tensor_name)
+            if positions is None:
+                return values.to(base_tensor.dtype)
+            return scatter_child(base_tensor, values, positions)
+        composed = base_tensor.detach().float().reshape(-1)
+        for adapter_name in adapters:
+            values = self._trainable_values(adapter_name, tensor_name).float().reshape(-1)
+            positions = self._positions(adapter_name, tensor_name)
+            if positions is None:
+                composed = composed + (values - base_tensor.detach().float().reshape(-1))
+            else:
+                index = positions.long()
+                composed = composed.index_add(0, index, values - base_tensor.detach().reshape(-1)[index].float())
+        return composed.to(base_tensor.dtype).view_as(base_tensor)
+
+    # ----------------------------------------------------------------------------------------------- merging
+    def _true_base_values(self, tensor_name: str, index: torch.Tensor) -> torch.Tensor:
+        """The base tensor's original values at `index`, even where adapters merged earlier overwrote them."""
+        base_values = getattr(self.get_base_layer(), tensor_name).detach().reshape(-1)[index].clone()
+        for merged_name in reversed(self.merged_adapters):  # the earliest merge holds the true originals: last wins
+            saved = self._merge_originals.get((merged_name, tensor_name))
+            if saved is None:
+                continue
+            saved_index, saved_values = saved
+            saved_index = torch.arange(saved_values.numel(), device=index.device) if saved_index is None else saved_index
+            where = torch.searchsorted(saved_index, index).clamp(max=saved_index.numel() - 1)
+            hit = saved_index[where] == index
+            base_values[hit] = saved_values.reshape(-1)[where[hit]].to(base_values.dtype)
+        return base_values
+
+    def _merged_values(self, adapter_name: str, tensor_name: str) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(flat positions or None for all, the values to write there) for merging one adapter's tensor."""
+        base_tensor = getattr(self.get_base_layer(), tensor_name)
+        values = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name].detach()
+        positions = self._positions(adapter_name, tensor_name)
+        index = positions.long() if positions is not None else None
+        new_values = values.reshape(-1).to(base_tensor.dtype)
+        if any((name, tensor_name) in self._merge_originals for name in self.merged_adapters):
+            full_index = index if index is not None else torch.arange(base_tensor.numel(), device=values.device)
+            current = base_tensor.detach().reshape(-1)[full_index].float()
+            change = values.reshape(-1).float() - self._true_base_values(tensor_name, full_index).float()
+            new_values = (current + change).to(base_tensor.dtype)
+        return index, new_values
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write the child values into the base tensors, keeping the overwritten originals for `unmerge`."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter_name in adapter_names:
+            if adapter_name not in self.childtuning_spec:
+                continue
+            updates = {name: self._merged_values(adapter_name, name) for name in self.tuned_tensor_names(adapter_name)}
+            if safe_merge and not all(torch.isfinite(values).all() for _, values in updates.values()):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+            for tensor_name, (index, new_values) in updates.items():
+                flat = getattr(self.get_base_layer(), tensor_name).data.view(-1)
+                originals = flat.clone() if index is None else flat[index]
+                self._merge_originals[(adapter_name, tensor_name)] = (index, originals)
+                if index is None:
+                    flat.copy_(new_values)
+                else:
+                    flat[index] = new_values
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        """Copy back the base values that merging overwrote, latest merge first: exact in every dtype."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            for tensor_name in self.tuned_tensor_names(adapter_name):
+                index, originals = self._merge_originals.pop((adapter_name, tensor_name))
+                flat = getattr(self.get_base_layer(), tensor_name).data.view(-1)
+                if index is None:
+                    flat.copy_(originals.to(flat.device))
+                else:
+                    flat[index.to(flat.device)] = originals.to(flat.device)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense change this adapter makes to the base weight (zero outside the child network)."""
+        weight = self.get_base_layer().weight
+        index, new_values = self._merged_values(adapter_name, "weight")
+        base_flat = weight.detach().reshape(-1)
+        delta = torch.zeros_like(base_flat)
+        if index is None:
+            delta = new_values - base_flat
+        else:
+            delta[index] = new_values - base_flat[index]
+        return delta.view_as(weight)
+
+
+class ChildTuningModule(nn.Module, ChildTuningLayer):
+    """A module wrapped by Child-Tuning (any module with a `weight`; Linear and Conv1D take the fast path)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: ChildTuningConfig,
+        module_key: str,
+        step_counter: MaskStepCounter,
+    ) -> None:
+        super().__init__()
+        ChildTuningLayer.__init__(self, base_layer, module_key=module_key, step_counter=step_counter)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.childtuning_spec]
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        self._check_ready_to_train(active)
+        base = self.get_base_layer()
+        tuned = {name for adapter_name in active for name in self.tuned_tensor_names(adapter_name)}
+        single = active[0] if len(active) == 1 else None
+        if (
+            single is not None
+            and isinstance(base, (nn.Linear, Conv1D))
+            and self._positions(single, "weight") is not None
+            and not args
+            and not kwargs
+        ):
+            bias = self.compose("bias", active) if "bias" in tuned else base.bias
+            return _ChildLinearFunction.apply(
+                x,
+                base.weight,
+                self._trainable_values(single, "weight"),
+                self._positions(single, "weight"),
+                bias,
+                isinstance(base, Conv1D),
+            )
+        overrides = {name: self.compose(name, active) for name in tuned}
+        return torch.func.functional_call(base, overrides, (x, *args), kwargs, strict=False)
+
+    def __repr__(self) -> str:
+        return "childtuning." + super().__repr__()

@@ -1,0 +1,179 @@
+"""`ChildTuningModel`: the peft tuner that wraps the targeted modules and chooses the child network."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import ChildTuningConfig
+from .constants import TRANSFORMERS_MODELS_TO_CHILDTUNING_TARGET_MODULES_MAPPING
+from .fisher import LossFunction, child_size, estimate_fisher, proportional_child_sizes, select_top_k
+from .gradient_mask import MaskStepCounter
+from .layer import ChildTuningLayer, ChildTuningModule
+
+logger = logging.getLogger(__name__)
+
+
+class ChildTuningModel(BaseTuner):
+    """Child-Tuning (Xu et al., EMNLP 2021) as a peft tuner.
+
+    Example:
+        ```py
+        >>> import peft_childtuning  # registers the tuner with peft
+        >>> from peft import get_peft_model
+        >>> from peft_childtuning import ChildTuningConfig
+
+        >>> model = get_peft_model(base, ChildTuningConfig(mode="d", reserve_p=0.3, task_type="SEQ_CLS"))
+        >>> model.detect_child_network(train_dataloader)  # Fisher pass and selection
+        ```
+    """
+
+    prefix: str = "childtuning_"
+    tuner_layer_cls = ChildTuningLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_CHILDTUNING_TARGET_MODULES_MAPPING
+
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
+        # created before injection: every layer shares it, and mode "f" masks are seeded by its step
+        self.mask_step_counter = MaskStepCounter(self._trainable_adapter_parameters)
+        super().__init__(model, config, adapter_name, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- injection
+    def _create_and_replace(
+        self,
+        config: ChildTuningConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        if isinstance(target, ChildTuningLayer):
+            target.update_layer(adapter_name, config)
+            return
+        weight = getattr(target, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError(
+                f"Child-Tuning cannot tune {current_key} ({type(target).__name__}): it has no floating-point weight. "
+                "Target modules with a weight (Linear, Conv1D, Embedding, LayerNorm, ...)."
+            )
+        new_module = ChildTuningModule(
+            target, adapter_name, config, module_key=current_key, step_counter=self.mask_step_counter
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if config.mode == "d" and config.selection == "random" and config.child_sizes is None:
+            # a random child network of exactly round(p * N) entries, spread over the tensors by their sizes
+            tensors = list(self._tuned_tensors(adapter_name))
+            sizes = proportional_child_sizes(config.reserve_p, [tensor.numel() for _, _, _, tensor in tensors])
+            config.child_sizes = {key: size for (_, _, key, _), size in zip(tensors, sizes)}
+            for layer in {id(layer): layer for layer, _, _, _ in tensors}.values():
+                layer.update_layer(adapter_name, config)
+
+    def _tuned_tensors(self, adapter_name: str) -> Iterator[tuple[ChildTuningLayer, str, str, torch.Tensor]]:
+        """(layer, tensor name, tensor key, base tensor) for every tensor the adapter tunes, in model order."""
+        for module in self.model.modules():
+            if isinstance(module, ChildTuningLayer) and adapter_name in module.childtuning_spec:
+                for tensor_name in module.tuned_tensor_names(adapter_name):
+                    key = module.tensor_key(tensor_name)
+                    yield module, tensor_name, key, getattr(module.get_base_layer(), tensor_name)
+
+    def _trainable_adapter_parameters(self) -> list[nn.Parameter]:
+        return [parameter for name, parameter in self.model.named_parameters() if self.prefix in name]
+
+    @contextmanager
+    def _tuner_layers_disabled(self) -> Iterator[None]:
+        layers = [module for module in self.model.modules() if isinstance(module, ChildTuningLayer)]
+        saved = [layer._disable_adapters for layer in layers]
+        try:
+            for layer in layers:
+                layer._disable_adapters = True
+            yield
+        finally:
+            for layer, disabled in zip(layers, saved):
+                layer._disable_adapters = disabled
+
+    # ----------------------------------------------------------------------------------------------- mode "d"
+    def detect_child_network(
+        self,
+        dataloader: Iterable[Any],
+        num_batches: Optional[int] = None,
+        loss_fn: Optional[LossFunction] = None,
+        max_grad_norm: Optional[float] = 1.0,
+        adapter_name: Optional[str] = None,
+        progress: bool = True,
+    ) -> dict[str, int]:
+        """Estimate the Fisher information on the task data and make the top `reserve_p` fraction the child network.
+
+        Args:
+            dataloader: any iterable of batches (a DataLoader, a list); each batch a dict for `model(**batch)` that
+                returns `.loss`, unless `loss_fn` is given.
+            num_batches: use only the first `num_batches` batches (default: all of them).
+            loss_fn: `loss_fn(model, batch) -> scalar loss`, for batches or losses of another form.
+            max_grad_norm: each batch's gradient of each tensor is clipped to this norm on its own, as the released
+                code does (None: no clipping).
+            adapter_name: the mode-"d" adapter (default: the active one).
+            progress: show a progress bar.
+
+        Returns:
+            The number of child entries of each tuned tensor (also stored as the config's `child_sizes`).
+        """
+        adapter_name = adapter_name or self._single_active_adapter()
+        config = self.peft_config[adapter_name]
+        if config.mode != "d":
+            raise ValueError(
+                f"Adapter '{adapter_name}' is in mode 'f', which draws a fresh random mask every step and has no child "
+                "network to detect; detect_child_network is for mode 'd'."
+            )
+        if any(module.merged for module in self.model.modules() if isinstance(module, ChildTuningLayer)):
+            raise RuntimeError("detect_child_network needs the adapters unmerged: call model.unmerge_adapter() first.")
+        tuned = list(self._tuned_tensors(adapter_name))
+        with self._tuner_layers_disabled():  # the base tensors take the gradient; the adapter must not hide entries
+            fisher = estimate_fisher(
+                self.model,
+                {key: tensor for _, _, key, tensor in tuned},
+                dataloader,
+                num_batches=num_batches,
+                loss_fn=loss_fn,
+                max_grad_norm=max_grad_norm,
+                progress=progress,
+            )
+        scores = [fisher.pop(key) for _, _, key, _ in tuned]
+        total = sum(score.numel() for score in scores)
+        positions = select_top_k(scores, child_size(config.reserve_p, total))
+        del scores
+        for (layer, tensor_name, _, _), chosen in zip(tuned, positions):
+            layer.set_child_network(adapter_name, tensor_name, chosen)
+        config.child_sizes = {key: chosen.numel() for (_, _, key, _), chosen in zip(tuned, positions)}
+        chosen_total = sum(config.child_sizes.values())
+        logger.info(
+            "Child-Tuning-D: child network of %d / %d entries (%.2f%%) in %d tensors",
+            chosen_total,
+            total,
+            100.0 * chosen_total / max(total, 1),
+            len(tuned),
+        )
+        return dict(config.child_sizes)
+
+    def _single_active_adapter(self) -> str:
+        if len(self.active_adapters) != 1:
+            raise ValueError(f"Several adapters are active ({self.active_adapters}); pass adapter_name=.")
+        return self.active_adapters[0]
+
+    # ----------------------------------------------------------------------------------------------- unloading
+    def unload(self) -> nn.Module:
+        """Return the base model without Child-Tuning layers, its weights restored exactly (merged adapters too)."""
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer) and module.merged:
+                module.unmerge()
+        return super().unload()
