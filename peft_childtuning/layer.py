@@ -343,23 +343,20 @@ class ChildTuningModule(nn.Module, ChildTuningLayer):
         self._check_ready_to_train(active)
         base = self.get_base_layer()
         tuned = {name for adapter_name in active for name in self.tuned_tensor_names(adapter_name)}
-        single = active[0] if len(active) == 1 else None
-        if (
-            single is not None
-            and isinstance(base, (nn.Linear, Conv1D))
-            and self._positions(single, "weight") is not None
-            and not args
-            and not kwargs
-        ):
+        if isinstance(base, (nn.Linear, Conv1D)) and not args and not kwargs:
+            weight_is_in_by_out = isinstance(base, Conv1D)
             bias = self.compose("bias", active) if "bias" in tuned else base.bias
-            return _ChildLinearFunction.apply(
-                x,
-                base.weight,
-                self._trainable_values(single, "weight"),
-                self._positions(single, "weight"),
-                bias,
-                isinstance(base, Conv1D),
-            )
+            if len(active) == 1 and self._positions(active[0], "weight") is not None:
+                return _ChildLinearFunction.apply(
+                    x,
+                    base.weight,
+                    self._trainable_values(active[0], "weight"),
+                    self._positions(active[0], "weight"),
+                    bias,
+                    weight_is_in_by_out,
+                )
+            weight = self.compose("weight", active)
+            return F.linear(x, weight.t() if weight_is_in_by_out else weight, bias)
         overrides = {name: self.compose(name, active) for name in tuned}
         return torch.func.functional_call(base, overrides, (x, *args), kwargs, strict=False)
 
