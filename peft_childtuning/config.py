@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from .registration import CHILDTUNING_PEFT_TYPE
+from .sparse_format import ENCODINGS
 
 MODES = ("d", "f")
 SELECTIONS = ("fisher", "random")
@@ -42,9 +43,12 @@ class ChildTuningConfig(PeftConfig):
             peft).
         init_weights: True: the adapter starts as the identity (outputs equal the base model's). False: the child
             values start perturbed with noise from torch's global RNG (for tests).
-        child_sizes: filled in by child selection: the number of child entries of each tuned tensor, keyed by
-            ``"<module name>.<weight|bias>"``. A saved adapter needs it so that every loader can build layers of the
-            right shapes before the tensors arrive. Leave it unset.
+        child_sizes, child_encodings: filled in by child selection: the number of child entries of each tuned
+            tensor and the encoding of its positions, keyed by ``"<module name>.<weight|bias>"``. A saved adapter
+            needs them so that every loader can build layers of the right shapes before the tensors arrive.
+        base_fingerprint: filled in when the adapter is created: hashes of the base weights it is tuned from, checked
+            when it is loaded.
+        ignore_base_mismatch: load the adapter even onto a base whose fingerprint differs (at your own risk).
     """
 
     mode: Literal["d", "f"] = field(default="d", metadata={"help": "'d' (Fisher child network) or 'f' (random mask)."})
@@ -68,6 +72,15 @@ class ChildTuningConfig(PeftConfig):
     )
     child_sizes: Optional[dict[str, int]] = field(
         default=None, metadata={"help": "Set by child selection: child entries per tuned tensor. Leave unset."}
+    )
+    child_encodings: Optional[dict[str, str]] = field(
+        default=None, metadata={"help": "Set by child selection: position encoding per tuned tensor. Leave unset."}
+    )
+    base_fingerprint: Optional[dict[str, str]] = field(
+        default=None, metadata={"help": "Set at creation: hashes of the base weights tuned. Leave unset."}
+    )
+    ignore_base_mismatch: bool = field(
+        default=False, metadata={"help": "Load even onto a base whose fingerprint differs from the recorded one."}
     )
 
     def __post_init__(self) -> None:
@@ -95,6 +108,9 @@ class ChildTuningConfig(PeftConfig):
         self.reserve_p = float(self.reserve_p)
         if self.child_sizes is not None:
             self.child_sizes = {str(key): int(size) for key, size in self.child_sizes.items()}
+        unknown = set((self.child_encodings or {}).values()) - set(ENCODINGS)
+        if unknown:
+            raise ValueError(f"ChildTuningConfig: unknown position encodings {sorted(unknown)}; known: {ENCODINGS}.")
 
     @property
     def needs_fisher_pass(self) -> bool:

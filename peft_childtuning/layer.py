@@ -4,8 +4,9 @@ Per adapter and tuned tensor (``weight``, optionally ``bias``) the layer holds
 
 - ``childtuning_values`` / ``childtuning_bias_values``: the trainable values of the child entries (fp32 masters).
   Mode "d": a 1-D tensor of the k_t child entries. Mode "f": a full-shape copy of the tensor (every entry may move).
-- ``childtuning_positions`` / ``childtuning_bias_positions``: mode "d" only, the sorted flat positions of the child
-  entries in the base tensor (int32 buffers).
+- ``childtuning_positions`` / ``childtuning_bias_positions``: mode "d" only, the flat positions of the child entries
+  in the base tensor, in the encoding of the saved format (`sparse_format`: a bitmap, int32 positions or 16-bit
+  gaps, whichever is smallest), so a checkpoint loads into them as it is; decoded once and cached.
 
 The base tensors are never written while unmerged. The forward composes ``W`` with the child values; for Linear and
 GPT-2's Conv1D a custom autograd function does it one layer at a time without keeping the composed copy alive from
@@ -16,7 +17,7 @@ restores them exactly (no subtraction, no drift in any dtype).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -28,6 +29,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import ChildTuningConfig
 from .fisher import random_child_positions
+from .sparse_format import AdapterFormatError, choose_encoding, decode_positions, encode_positions, placeholder
 from .gradient_mask import BernoulliGradientMask, MaskStepCounter
 
 # tuned tensor name -> (values container, positions container)
@@ -47,16 +49,14 @@ class AdapterSpec:
     reserve_p: float
     seed: int
     awaits_fisher_pass: bool
-
-
-def position_dtype(num_entries: int) -> torch.dtype:
-    """int32 flat positions where they fit (half the bytes of int64), else int64."""
-    return torch.int32 if num_entries <= torch.iinfo(torch.int32).max else torch.int64
+    inference_mode: bool
+    encodings: dict[str, str] = field(default_factory=dict)  # tuned tensor name -> position encoding (mode "d")
 
 
 def scatter_child(base: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A new tensor equal to `base` with `values` (cast to its dtype) at the flat `positions`: differentiable in values."""
-    flat = base.reshape(-1).index_put((positions.long(),), values.to(base.dtype))
+    """A new tensor equal to `base` with `values` (cast to its dtype) at the flat int64 `positions`: differentiable in
+    the values."""
+    flat = base.reshape(-1).index_put((positions,), values.to(base.dtype))
     return flat.view_as(base)
 
 
@@ -98,9 +98,9 @@ class _ChildLinearFunction(torch.autograd.Function):
             x_rows = x.reshape(-1, x.shape[-1]).to(grad_output.dtype)
             dense = x_rows.t() @ grad_rows if ctx.weight_is_in_by_out else grad_rows.t() @ x_rows
             if ctx.needs_input_grad[2]:
-                grad_values = dense.reshape(-1)[positions.long()].to(values.dtype)
+                grad_values = dense.reshape(-1)[positions].to(values.dtype)
             if ctx.needs_input_grad[1]:
-                grad_weight = dense.reshape(-1).index_fill(0, positions.long(), 0).view_as(weight).to(weight.dtype)
+                grad_weight = dense.reshape(-1).index_fill(0, positions, 0).view_as(weight).to(weight.dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_rows.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_values, None, grad_bias, None
@@ -121,10 +121,16 @@ class ChildTuningLayer(BaseTunerLayer):
         self.childtuning_spec: dict[str, AdapterSpec] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        # decoded positions per (adapter, tensor name), with the identity of the encoded buffer they came from
+        self._decoded_positions: dict[tuple[str, str], tuple[tuple[int, int], torch.Tensor]] = {}
         # the base values that merging overwrote, per (adapter, tensor name): unmerge copies them back
         self._merge_originals: dict[tuple[str, str], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
         self.module_key = module_key
         self.step_counter = step_counter
+        # an adapter loaded for inference is merged as soon as its tensors arrive (peft has no merge-on-load), and
+        # the state dict always shows the base tensors as they are unmerged: the adapter is saved apart from them
+        self.register_load_state_dict_post_hook(_merge_adapters_loaded_for_inference)
+        self.register_state_dict_post_hook(_report_unmerged_base_tensors)
         base = self.get_base_layer()
         if isinstance(base, Conv1D):
             self.in_features, self.out_features = base.weight.shape
@@ -146,9 +152,7 @@ class ChildTuningLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: ChildTuningConfig) -> None:
         base = self.get_base_layer()
         names = ["weight"] + (["bias"] if config.tune_bias and getattr(base, "bias", None) is not None else [])
-        self.childtuning_spec[adapter_name] = AdapterSpec(
-            config.mode, config.reserve_p, config.seed, config.needs_fisher_pass
-        )
+        encodings = {}
         for tensor_name in names:
             tensor = getattr(base, tensor_name)
             values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
@@ -159,33 +163,43 @@ class ChildTuningLayer(BaseTunerLayer):
                 size = (config.child_sizes or {}).get(key, 0)
                 if config.selection == "random":
                     positions = random_child_positions(tensor.numel(), size, config.seed, key)
-                else:  # Fisher: a placeholder, replaced by detect_child_network or by the loaded adapter
-                    positions = torch.arange(size)
-                positions = positions.to(device=tensor.device, dtype=position_dtype(tensor.numel()))
-                getattr(self, positions_attr)[adapter_name] = positions
-                values = tensor.detach().reshape(-1)[positions.long()]
+                    encodings[tensor_name] = choose_encoding(positions, tensor.numel())
+                    encoded = encode_positions(positions, tensor.numel(), encodings[tensor_name])
+                    values = tensor.detach().reshape(-1)[positions.to(tensor.device)]
+                else:  # Fisher: placeholders, filled by detect_child_network or by the adapter being loaded
+                    encodings[tensor_name] = (config.child_encodings or {}).get(key, "int32")
+                    encoded = placeholder(tensor.numel(), size, encodings[tensor_name])
+                    values = torch.zeros(size, dtype=tensor.dtype, device=tensor.device)
+                getattr(self, positions_attr)[adapter_name] = encoded.to(tensor.device)
             if not config.init_weights:
                 values = values.float() + _TEST_INIT_NOISE * torch.randn(values.shape, device=values.device)
             getattr(self, values_attr)[adapter_name] = nn.Parameter(values, requires_grad=True)
+        self.childtuning_spec[adapter_name] = AdapterSpec(
+            config.mode, config.reserve_p, config.seed, config.needs_fisher_pass, config.inference_mode, encodings
+        )
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def set_child_network(self, adapter_name: str, tensor_name: str, positions: torch.Tensor) -> None:
+    def set_child_network(self, adapter_name: str, tensor_name: str, positions: torch.Tensor) -> str:
         """Make `positions` (sorted flat positions) the child network of one tensor; values restart from the base.
 
-        The values Parameter is resized in place, so an optimizer created earlier still holds it.
+        The values Parameter is resized in place, so an optimizer created earlier still holds it. Returns the
+        encoding chosen for the positions.
         """
         if self.merged:
             raise RuntimeError("Unmerge the adapter before choosing its child network.")
         base_tensor = getattr(self.get_base_layer(), tensor_name)
         values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
-        positions = positions.to(device=base_tensor.device, dtype=position_dtype(base_tensor.numel()))
-        getattr(self, positions_attr)[adapter_name] = positions
+        encoding = choose_encoding(positions, base_tensor.numel())
+        encoded = encode_positions(positions, base_tensor.numel(), encoding)
+        getattr(self, positions_attr)[adapter_name] = encoded.to(base_tensor.device)
         parameter = getattr(self, values_attr)[adapter_name]
-        parameter.data = base_tensor.detach().reshape(-1)[positions.long()].to(parameter.dtype)
+        parameter.data = base_tensor.detach().reshape(-1)[positions.to(base_tensor.device)].to(parameter.dtype)
         parameter.grad = None
         spec = self.childtuning_spec[adapter_name]
-        self.childtuning_spec[adapter_name] = AdapterSpec(spec.mode, spec.reserve_p, spec.seed, False)
+        encodings = {**spec.encodings, tensor_name: encoding}
+        self.childtuning_spec[adapter_name] = replace(spec, awaits_fisher_pass=False, encodings=encodings)
+        return encoding
 
     # ----------------------------------------------------------------------------------------------- forward
     def _check_ready_to_train(self, adapter_names: list[str]) -> None:
@@ -211,8 +225,26 @@ class ChildTuningLayer(BaseTunerLayer):
         return values
 
     def _positions(self, adapter_name: str, tensor_name: str) -> Optional[torch.Tensor]:
-        positions = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])
-        return positions[adapter_name] if adapter_name in positions else None
+        """The adapter's child positions in one tensor (int64, sorted), or None where it tunes every entry (mode f)."""
+        encoded_positions = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])
+        if adapter_name not in encoded_positions:
+            return None
+        encoded = encoded_positions[adapter_name]
+        identity = (encoded.data_ptr(), encoded._version)
+        cached = self._decoded_positions.get((adapter_name, tensor_name))
+        if cached is None or cached[0] != identity:
+            base_tensor = getattr(self.get_base_layer(), tensor_name)
+            values = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name]
+            positions = decode_positions(
+                encoded,
+                base_tensor.numel(),
+                values.numel(),
+                self.childtuning_spec[adapter_name].encodings[tensor_name],
+                self.tensor_key(tensor_name),
+            )
+            cached = (identity, positions)
+            self._decoded_positions[(adapter_name, tensor_name)] = cached
+        return cached[1]
 
     def compose(self, tensor_name: str, adapter_names: list[str]) -> torch.Tensor:
         """The tensor as the active adapters see it, differentiable in their values.
@@ -236,36 +268,36 @@ class ChildTuningLayer(BaseTunerLayer):
             if positions is None:
                 composed = composed + (values - base_tensor.detach().float().reshape(-1))
             else:
-                index = positions.long()
+                index = positions
                 composed = composed.index_add(0, index, values - base_tensor.detach().reshape(-1)[index].float())
         return composed.to(base_tensor.dtype).view_as(base_tensor)
 
-    # ----------------------------------------------------------------------------------------------- merging
-    def _true_base_values(self, tensor_name: str, index: torch.Tensor) -> torch.Tensor:
-        """The base tensor's original values at `index`, even where adapters merged earlier overwrote them."""
-        base_values = getattr(self.get_base_layer(), tensor_name).detach().reshape(-1)[index].clone()
-        for merged_name in reversed(self.merged_adapters):  # the earliest merge holds the true originals: last wins
-            saved = self._merge_originals.get((merged_name, tensor_name))
-            if saved is None:
-                continue
-            saved_index, saved_values = saved
-            saved_index = torch.arange(saved_values.numel(), device=index.device) if saved_index is None else saved_index
-            where = torch.searchsorted(saved_index, index).clamp(max=saved_index.numel() - 1)
-            hit = saved_index[where] == index
-            base_values[hit] = saved_values.reshape(-1)[where[hit]].to(base_values.dtype)
-        return base_values
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Switch adapters; if merged, by writing back the old child entries and writing in the new ones."""
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        if was_merged:
+            self.merge()
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for key in [key for key in self._decoded_positions if key[0] == adapter_name]:
+            del self._decoded_positions[key]
+
+    # ----------------------------------------------------------------------------------------------- merging
     def _merged_values(self, adapter_name: str, tensor_name: str) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(flat positions or None for all, the values to write there) for merging one adapter's tensor."""
         base_tensor = getattr(self.get_base_layer(), tensor_name)
         values = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name].detach()
-        positions = self._positions(adapter_name, tensor_name)
-        index = positions.long() if positions is not None else None
+        index = self._positions(adapter_name, tensor_name)
         new_values = values.reshape(-1).to(base_tensor.dtype)
         if any((name, tensor_name) in self._merge_originals for name in self.merged_adapters):
             full_index = index if index is not None else torch.arange(base_tensor.numel(), device=values.device)
             current = base_tensor.detach().reshape(-1)[full_index].float()
-            change = values.reshape(-1).float() - self._true_base_values(tensor_name, full_index).float()
+            true_base = self.unmerged_base_tensor(tensor_name).reshape(-1)[full_index]
+            change = values.reshape(-1).float() - true_base.float()
             new_values = (current + change).to(base_tensor.dtype)
         return index, new_values
 
@@ -303,6 +335,22 @@ class ChildTuningLayer(BaseTunerLayer):
                 else:
                     flat[index.to(flat.device)] = originals.to(flat.device)
 
+    def _adapter_parameters(self, adapter_name: str) -> list[torch.Tensor]:
+        return [getattr(self, TUNED_TENSOR_CONTAINERS[name][0])[adapter_name] for name in self.tuned_tensor_names(adapter_name)]
+
+    def unmerged_base_tensor(self, tensor_name: str) -> torch.Tensor:
+        """A copy of the base tensor with every merged adapter's overwritten entries put back."""
+        flat = getattr(self.get_base_layer(), tensor_name).detach().reshape(-1).clone()
+        for adapter_name in reversed(self.merged_adapters):
+            saved = self._merge_originals.get((adapter_name, tensor_name))
+            if saved is not None:
+                index, originals = saved
+                if index is None:
+                    flat.copy_(originals.reshape(-1))
+                else:
+                    flat[index] = originals
+        return flat.view_as(getattr(self.get_base_layer(), tensor_name))
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense change this adapter makes to the base weight (zero outside the child network)."""
         weight = self.get_base_layer().weight
@@ -314,6 +362,57 @@ class ChildTuningLayer(BaseTunerLayer):
         else:
             delta[index] = new_values - base_flat[index]
         return delta.view_as(weight)
+
+
+def validate_child_tensors(
+    layer: ChildTuningLayer,
+    adapter_name: str,
+    tensor_name: str,
+    values: torch.Tensor,
+    encoded_positions: Optional[torch.Tensor] = None,
+) -> None:
+    """Raise `AdapterFormatError` unless a checkpoint's tensors fit this layer: shape, dtype, finite, valid positions."""
+    key = layer.tensor_key(tensor_name)
+    base_tensor = getattr(layer.get_base_layer(), tensor_name)
+    expected = getattr(layer, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name]
+    if not values.is_floating_point():
+        raise AdapterFormatError(f"{key}: child values of dtype {values.dtype}; expected a floating-point dtype.")
+    if tuple(values.shape) != tuple(expected.shape):
+        raise AdapterFormatError(
+            f"{key}: the file has {tuple(values.shape)} child values, the config and model expect "
+            f"{tuple(expected.shape)}; the adapter does not match this model or its adapter_config.json."
+        )
+    if not bool(torch.isfinite(values).all()):
+        raise AdapterFormatError(f"{key}: the child values contain NaN or inf.")
+    if encoded_positions is not None:
+        spec = layer.childtuning_spec[adapter_name]
+        decode_positions(encoded_positions, base_tensor.numel(), values.numel(), spec.encodings[tensor_name], key)
+
+
+def _merge_adapters_loaded_for_inference(layer: ChildTuningLayer, incompatible_keys: Any) -> None:
+    """After loading: merge the active adapters that were loaded for inference, so forwards cost the base's."""
+    to_merge = [
+        name
+        for name in layer.active_adapters
+        if name in layer.childtuning_spec
+        and layer.childtuning_spec[name].inference_mode
+        and name not in layer.merged_adapters
+        and not layer.disable_adapters
+    ]
+    if to_merge and not any(
+        parameter.is_meta for name in to_merge for parameter in layer._adapter_parameters(name)
+    ):
+        layer.merge(adapter_names=to_merge)
+
+
+def _report_unmerged_base_tensors(
+    layer: ChildTuningLayer, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """Put the original base tensors in the state dict while adapters are merged into them."""
+    for tensor_name in {name for (_, name) in layer._merge_originals}:
+        key = f"{prefix}base_layer.{tensor_name}"
+        if key in state_dict:
+            state_dict[key] = layer.unmerged_base_tensor(tensor_name)
 
 
 class ChildTuningModule(nn.Module, ChildTuningLayer):

@@ -15,7 +15,8 @@ from .config import ChildTuningConfig
 from .constants import TRANSFORMERS_MODELS_TO_CHILDTUNING_TARGET_MODULES_MAPPING
 from .fisher import LossFunction, child_size, estimate_fisher, proportional_child_sizes, select_top_k
 from .gradient_mask import MaskStepCounter
-from .layer import ChildTuningLayer, ChildTuningModule
+from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer, ChildTuningModule, validate_child_tensors
+from .sparse_format import AdapterFormatError, base_fingerprint, fingerprint_matches
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +73,39 @@ class ChildTuningModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
+        tensors = list(self._tuned_tensors(adapter_name))
+        fingerprint = base_fingerprint((key, tensor) for _, _, key, tensor in tensors)
+        if config.base_fingerprint is None:
+            config.base_fingerprint = fingerprint
+        elif not config.ignore_base_mismatch and not fingerprint_matches(
+            config.base_fingerprint, ((key, tensor) for _, _, key, tensor in tensors)
+        ):
+            self._remove_injected_adapter(adapter_name)
+            raise AdapterFormatError(
+                f"Adapter '{adapter_name}' was tuned from other base weights than this model's "
+                f"(base_model_name_or_path={config.base_model_name_or_path!r}): its base fingerprint does not match. "
+                "Load it onto the base it was trained from, or set ignore_base_mismatch=True in its config to "
+                "load it anyway."
+            )
         if config.mode == "d" and config.selection == "random" and config.child_sizes is None:
             # a random child network of exactly round(p * N) entries, spread over the tensors by their sizes
-            tensors = list(self._tuned_tensors(adapter_name))
             sizes = proportional_child_sizes(config.reserve_p, [tensor.numel() for _, _, _, tensor in tensors])
             config.child_sizes = {key: size for (_, _, key, _), size in zip(tensors, sizes)}
             for layer in {id(layer): layer for layer, _, _, _ in tensors}.values():
                 layer.update_layer(adapter_name, config)
+            config.child_encodings = self._child_encodings(adapter_name)
+
+    def _child_encodings(self, adapter_name: str) -> dict[str, str]:
+        return {
+            key: layer.childtuning_spec[adapter_name].encodings[tensor_name]
+            for layer, tensor_name, key, _ in self._tuned_tensors(adapter_name)
+        }
+
+    def _remove_injected_adapter(self, adapter_name: str) -> None:
+        """Undo an injection that failed its checks, leaving the model as it was before."""
+        for module in self.model.modules():
+            if isinstance(module, ChildTuningLayer) and adapter_name in module.childtuning_spec:
+                module.delete_adapter(adapter_name)
 
     def _tuned_tensors(self, adapter_name: str) -> Iterator[tuple[ChildTuningLayer, str, str, torch.Tensor]]:
         """(layer, tensor name, tensor key, base tensor) for every tensor the adapter tunes, in model order."""
@@ -155,6 +182,7 @@ class ChildTuningModel(BaseTuner):
         for (layer, tensor_name, _, _), chosen in zip(tuned, positions):
             layer.set_child_network(adapter_name, tensor_name, chosen)
         config.child_sizes = {key: chosen.numel() for (_, _, key, _), chosen in zip(tuned, positions)}
+        config.child_encodings = self._child_encodings(adapter_name)
         chosen_total = sum(config.child_sizes.values())
         logger.info(
             "Child-Tuning-D: child network of %d / %d entries (%.2f%%) in %d tensors",
@@ -169,6 +197,58 @@ class ChildTuningModel(BaseTuner):
         if len(self.active_adapters) != 1:
             raise ValueError(f"Several adapters are active ({self.active_adapters}); pass adapter_name=.")
         return self.active_adapters[0]
+
+    # ----------------------------------------------------------------------------------------------- saving, loading
+    @staticmethod
+    def _layers_by_state_dict_prefix(model: nn.Module) -> dict[str, ChildTuningLayer]:
+        """Child-Tuning layers by the prefix of their keys in a state dict ("" for none, FSDP's wrapper removed)."""
+        layers = {}
+        for name, module in model.named_modules():
+            if isinstance(module, ChildTuningLayer):
+                name = name.replace("_fsdp_wrapped_module.", "")
+                layers[f"{name}." if name else ""] = module
+        return layers
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: ChildTuningConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, with the child values in the base tensor's own dtype (merging is then a scatter)."""
+        to_save = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for prefix, layer in cls._layers_by_state_dict_prefix(model).items():
+            for tensor_name in layer.tuned_tensor_names(adapter_name):
+                key = f"{prefix}{TUNED_TENSOR_CONTAINERS[tensor_name][0]}.{adapter_name}"
+                if key in to_save:
+                    to_save[key] = to_save[key].to(getattr(layer.get_base_layer(), tensor_name).dtype)
+        return to_save
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: ChildTuningConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Check every tuned tensor of the checkpoint before anything is loaded, so a bad file changes nothing."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        for prefix, layer in cls._layers_by_state_dict_prefix(model).items():
+            for tensor_name in layer.tuned_tensor_names(adapter_name):
+                values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
+                keys = [f"{prefix}{values_attr}.{adapter_name}"]
+                if config.mode == "d":
+                    keys.append(f"{prefix}{positions_attr}.{adapter_name}")
+                tensors = [remapped.get(key, remapped.get(f"base_model.model.{key}")) for key in keys]
+                for key, tensor in zip(keys, tensors):
+                    if tensor is None:
+                        raise AdapterFormatError(f"The adapter file has no tensor for {key}: it is incomplete.")
+                validate_child_tensors(layer, adapter_name, tensor_name, *tensors)
+        return remapped
 
     # ----------------------------------------------------------------------------------------------- unloading
     def unload(self) -> nn.Module:
