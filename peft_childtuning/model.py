@@ -75,9 +75,10 @@ class ChildTuningModel(BaseTuner):
         config = self.peft_config[adapter_name]
         tensors = list(self._tuned_tensors(adapter_name))
         fingerprint = base_fingerprint((key, tensor) for _, _, key, tensor in tensors)
+        # an adapter still waiting for its Fisher pass holds no values of the base: any base will do
         if config.base_fingerprint is None:
             config.base_fingerprint = fingerprint
-        elif not config.ignore_base_mismatch and not fingerprint_matches(
+        elif not (config.ignore_base_mismatch or config.needs_fisher_pass) and not fingerprint_matches(
             config.base_fingerprint, ((key, tensor) for _, _, key, tensor in tensors)
         ):
             self._remove_injected_adapter(adapter_name)
