@@ -131,6 +131,7 @@ def estimate_fisher(
             parameter.requires_grad_(requires_grad)
             parameter.grad = grad
         model.train(was_training)
+    batches_seen = _sum_over_processes(fisher, batches_seen, device)
     if batches_seen == 0:
         raise ValueError("detect_child_network: the dataloader yielded no batch; the Fisher pass needs task data.")
     for name, scores in fisher.items():
@@ -141,6 +142,23 @@ def estimate_fisher(
                 "check the data and the loss, or run the pass in float32."
             )
     return fisher
+
+
+def _sum_over_processes(fisher: dict[str, torch.Tensor], batches_seen: int, device: torch.device) -> int:
+    """In a multi-process run (accelerate, torchrun), sum the scores and batch counts of all processes.
+
+    Each process sees its shard of the data; after the sum every process holds the Fisher of all the data, so all
+    of them select the same child network as one process would.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return batches_seen
+    if torch.distributed.get_world_size() == 1:
+        return batches_seen
+    for scores in fisher.values():
+        torch.distributed.all_reduce(scores, op=torch.distributed.ReduceOp.SUM)
+    count = torch.tensor([batches_seen], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM)
+    return int(count.item())
 
 
 def _length_or_none(iterable: Iterable[Any]) -> Optional[int]:
