@@ -145,6 +145,9 @@ class ChildTuningLayer(BaseTunerLayer):
             if adapter_name in getattr(self, values_attr)
         ]
 
+    def child_size(self, adapter_name: str, tensor_name: str) -> int:
+        return getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name].numel()
+
     def tensor_key(self, tensor_name: str) -> str:
         """The name of a tuned tensor in the base model, e.g. 'encoder.layer.0.attention.self.query.weight'."""
         return f"{self.module_key}.{tensor_name}"
@@ -180,17 +183,19 @@ class ChildTuningLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def set_child_network(self, adapter_name: str, tensor_name: str, positions: torch.Tensor) -> str:
+    def set_child_network(
+        self, adapter_name: str, tensor_name: str, positions: torch.Tensor, encoding: Optional[str] = None
+    ) -> str:
         """Make `positions` (sorted flat positions) the child network of one tensor; values restart from the base.
 
         The values Parameter is resized in place, so an optimizer created earlier still holds it. Returns the
-        encoding chosen for the positions.
+        encoding of the positions (the smallest one unless `encoding` is given).
         """
         if self.merged:
             raise RuntimeError("Unmerge the adapter before choosing its child network.")
         base_tensor = getattr(self.get_base_layer(), tensor_name)
         values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
-        encoding = choose_encoding(positions, base_tensor.numel())
+        encoding = encoding or choose_encoding(positions, base_tensor.numel())
         encoded = encode_positions(positions, base_tensor.numel(), encoding)
         getattr(self, positions_attr)[adapter_name] = encoded.to(base_tensor.device)
         parameter = getattr(self, values_attr)[adapter_name]

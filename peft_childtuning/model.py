@@ -16,9 +16,24 @@ from .constants import TRANSFORMERS_MODELS_TO_CHILDTUNING_TARGET_MODULES_MAPPING
 from .fisher import LossFunction, child_size, estimate_fisher, proportional_child_sizes, select_top_k
 from .gradient_mask import MaskStepCounter
 from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer, ChildTuningModule, validate_child_tensors
-from .sparse_format import AdapterFormatError, base_fingerprint, fingerprint_matches
+from .sparse_format import AdapterFormatError, base_fingerprint, decode_positions, encoding_of, fingerprint_matches
 
 logger = logging.getLogger(__name__)
+
+
+def tuned_tensors(model: nn.Module, adapter_name: str) -> Iterator[tuple[ChildTuningLayer, str, str, torch.Tensor]]:
+    """(layer, tensor name, tensor key, base tensor) for every tensor the adapter tunes, in model order."""
+    for module in model.modules():
+        if isinstance(module, ChildTuningLayer) and adapter_name in module.childtuning_spec:
+            for tensor_name in module.tuned_tensor_names(adapter_name):
+                yield module, tensor_name, module.tensor_key(tensor_name), getattr(module.get_base_layer(), tensor_name)
+
+
+def record_child_network(model: nn.Module, config: ChildTuningConfig, adapter_name: str) -> None:
+    """Write the child sizes and position encodings of the model's layers into the adapter's config."""
+    tuned = list(tuned_tensors(model, adapter_name))
+    config.child_sizes = {key: layer.child_size(adapter_name, name) for layer, name, key, _ in tuned}
+    config.child_encodings = {key: layer.childtuning_spec[adapter_name].encodings[name] for layer, name, key, _ in tuned}
 
 
 class ChildTuningModel(BaseTuner):
@@ -94,13 +109,7 @@ class ChildTuningModel(BaseTuner):
             config.child_sizes = {key: size for (_, _, key, _), size in zip(tensors, sizes)}
             for layer in {id(layer): layer for layer, _, _, _ in tensors}.values():
                 layer.update_layer(adapter_name, config)
-            config.child_encodings = self._child_encodings(adapter_name)
-
-    def _child_encodings(self, adapter_name: str) -> dict[str, str]:
-        return {
-            key: layer.childtuning_spec[adapter_name].encodings[tensor_name]
-            for layer, tensor_name, key, _ in self._tuned_tensors(adapter_name)
-        }
+            record_child_network(self.model, config, adapter_name)
 
     def _remove_injected_adapter(self, adapter_name: str) -> None:
         """Undo an injection that failed its checks, leaving the model as it was before."""
@@ -109,12 +118,7 @@ class ChildTuningModel(BaseTuner):
                 module.delete_adapter(adapter_name)
 
     def _tuned_tensors(self, adapter_name: str) -> Iterator[tuple[ChildTuningLayer, str, str, torch.Tensor]]:
-        """(layer, tensor name, tensor key, base tensor) for every tensor the adapter tunes, in model order."""
-        for module in self.model.modules():
-            if isinstance(module, ChildTuningLayer) and adapter_name in module.childtuning_spec:
-                for tensor_name in module.tuned_tensor_names(adapter_name):
-                    key = module.tensor_key(tensor_name)
-                    yield module, tensor_name, key, getattr(module.get_base_layer(), tensor_name)
+        return tuned_tensors(self.model, adapter_name)
 
     def _trainable_adapter_parameters(self) -> list[nn.Parameter]:
         return [parameter for name, parameter in self.model.named_parameters() if self.prefix in name]
@@ -182,8 +186,7 @@ class ChildTuningModel(BaseTuner):
         del scores
         for (layer, tensor_name, _, _), chosen in zip(tuned, positions):
             layer.set_child_network(adapter_name, tensor_name, chosen)
-        config.child_sizes = {key: chosen.numel() for (_, _, key, _), chosen in zip(tuned, positions)}
-        config.child_encodings = self._child_encodings(adapter_name)
+        record_child_network(self.model, config, adapter_name)
         chosen_total = sum(config.child_sizes.values())
         logger.info(
             "Child-Tuning-D: child network of %d / %d entries (%.2f%%) in %d tensors",
@@ -236,8 +239,13 @@ class ChildTuningModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Check every tuned tensor of the checkpoint before anything is loaded, so a bad file changes nothing."""
+        """Check every tuned tensor of the checkpoint before anything is loaded, so a bad file changes nothing.
+
+        An adapter still waiting for its Fisher pass takes the checkpoint's child network instead (e.g. a Trainer
+        resuming from a checkpoint), so resuming never recomputes the Fisher pass.
+        """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        adopt_child_network = config.needs_fisher_pass
         for prefix, layer in cls._layers_by_state_dict_prefix(model).items():
             for tensor_name in layer.tuned_tensor_names(adapter_name):
                 values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
@@ -248,7 +256,17 @@ class ChildTuningModel(BaseTuner):
                 for key, tensor in zip(keys, tensors):
                     if tensor is None:
                         raise AdapterFormatError(f"The adapter file has no tensor for {key}: it is incomplete.")
+                if adopt_child_network:
+                    values, encoded = tensors
+                    encoding = encoding_of(encoded)
+                    base_tensor = getattr(layer.get_base_layer(), tensor_name)
+                    positions = decode_positions(
+                        encoded, base_tensor.numel(), values.numel(), encoding, layer.tensor_key(tensor_name)
+                    )
+                    layer.set_child_network(adapter_name, tensor_name, positions, encoding)
                 validate_child_tensors(layer, adapter_name, tensor_name, *tensors)
+        if adopt_child_network:
+            record_child_network(model, config, adapter_name)
         return remapped
 
     # ----------------------------------------------------------------------------------------------- unloading

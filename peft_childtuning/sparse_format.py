@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import torch
 
 ENCODINGS = ("bitmap", "int32", "gap16")
+_ENCODING_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16}
 _GAP16_MAX = (1 << 16) - 1
 # entries of each tuned tensor hashed into the base fingerprint
 _FINGERPRINT_SAMPLES = 1024
@@ -59,6 +60,14 @@ def _gaps(positions: torch.Tensor) -> torch.Tensor:
     return torch.diff(positions, prepend=positions.new_full((1,), -1))
 
 
+def encoding_of(encoded: torch.Tensor) -> str:
+    """The encoding of an encoded-positions tensor, told by its dtype (each encoding has its own)."""
+    for encoding, dtype in _ENCODING_DTYPES.items():
+        if encoded.dtype == dtype:
+            return encoding
+    raise AdapterFormatError(f"child positions of dtype {encoded.dtype} match no encoding of {ENCODINGS}")
+
+
 def encode_positions(positions: torch.Tensor, numel: int, encoding: str) -> torch.Tensor:
     """Encode sorted, distinct flat positions (any integer dtype) of a tensor of `numel` entries."""
     positions = positions.long()
@@ -75,7 +84,7 @@ def encode_positions(positions: torch.Tensor, numel: int, encoding: str) -> torc
 
 def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str, name: str) -> torch.Tensor:
     """Sorted flat positions (int64) from their encoding, checked against the tensor's size and the child size."""
-    expected_dtype = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16}.get(encoding)
+    expected_dtype = _ENCODING_DTYPES.get(encoding)
     if expected_dtype is None:
         raise AdapterFormatError(f"{name}: unknown position encoding {encoding!r}; expected one of {ENCODINGS}")
     expected_length = (numel + 7) // 8 if encoding == "bitmap" else size
