@@ -183,9 +183,12 @@ def select_top_k(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     total = sum(score.numel() for score in scores)
     if not 0 <= k <= total:
         raise ValueError(f"select_top_k: k={k} is outside [0, {total}].")
-    for score in scores:
+    scores = list(scores)
+    for index, score in enumerate(scores):
         if score.numel() and (not torch.isfinite(score).all() or bool((score < 0).any())):
             raise ValueError("select_top_k: scores must be finite and non-negative (Fisher information is).")
+        if score.is_floating_point() and bool(torch.signbit(score).any()):
+            scores[index] = score + 0.0  # -0.0 has the sign bit set: make it +0.0, whose bits order like the value
     if k == 0 or k == total:
         return [torch.arange(score.numel() if k else 0, device=score.device) for score in scores]
 

@@ -1,0 +1,283 @@
+"""Shared helpers for the peft_childtuning test suite: tiny models of each architecture, batches, layer accessors.
+
+Every model here is built from a config (no hub access), with hidden size 32, 2 layers and a vocabulary of 100, and
+with dropout disabled so that forward passes are deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+torch.set_num_threads(1)
+
+import peft_childtuning  # noqa: E402  (registers the tuner with peft)
+from peft import get_peft_model  # noqa: E402
+from peft_childtuning import ChildTuningConfig, ChildTuningLayer  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()
+
+VOCAB = 100
+HIDDEN = 32
+SEQ_LEN = 8
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # transformers 5 renames gradient checkpointing; the old names still work and are what users call
+    config.addinivalue_line("filterwarnings", "ignore:.*is deprecated and will be removed in v6.*:FutureWarning")
+
+
+# ------------------------------------------------------------------------------------------------ tiny models
+def tiny_bert(dropout: float = 0.0, seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_roberta(dropout: float = 0.0, seed: int = 0) -> RobertaForSequenceClassification:
+    torch.manual_seed(seed)
+    config = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=2,
+        pad_token_id=1,
+    )
+    return RobertaForSequenceClassification(config)
+
+
+def tiny_gpt2(dropout: float = 0.0, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama(dropout: float = 0.0, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attention_dropout=dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_t5(dropout: float = 0.0, seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=HIDDEN,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        dropout_rate=dropout,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def _classification_batch(batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    input_ids = torch.randint(2, VOCAB, (batch_size, SEQ_LEN), generator=generator)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": torch.randint(0, 2, (batch_size,), generator=generator),
+    }
+
+
+def _causal_lm_batch(batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    input_ids = torch.randint(2, VOCAB, (batch_size, SEQ_LEN), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def _seq2seq_batch(batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    input_ids = torch.randint(2, VOCAB, (batch_size, SEQ_LEN), generator=generator)
+    labels = torch.randint(2, VOCAB, (batch_size, SEQ_LEN // 2), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+# the repeated blocks of each family, and the module types that hold their weight matrices
+_BLOCK_RE = re.compile(r"(^|\.)(layer|layers|h|block)\.\d+\.")
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    """A tiny architecture: how to build it, its peft task type, how to make batches, and its expected targets."""
+
+    name: str
+    build: Callable[..., torch.nn.Module]
+    task_type: str
+    batch_fn: Callable[[int, torch.Generator], dict[str, torch.Tensor]]
+    matrix_type: type
+    # modules that must never be wrapped by default (outside the blocks)
+    never_wrapped: tuple[str, ...]
+    expected_num_targets: int
+
+    def batches(self, n: int, batch_size: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(seed)
+        return [self.batch_fn(batch_size, generator) for _ in range(n)]
+
+    def expected_default_targets(self, base: torch.nn.Module) -> set[str]:
+        """The names of every weight matrix (Linear / Conv1D) inside the repeated transformer blocks."""
+        return {
+            name
+            for name, module in base.named_modules()
+            if isinstance(module, self.matrix_type) and _BLOCK_RE.search(name)
+        }
+
+
+ARCHS: dict[str, TinyArch] = {
+    "bert": TinyArch(
+        "bert", tiny_bert, "SEQ_CLS", _classification_batch, torch.nn.Linear,
+        ("bert.pooler.dense", "classifier"), 12,
+    ),
+    "roberta": TinyArch(
+        "roberta", tiny_roberta, "SEQ_CLS", _classification_batch, torch.nn.Linear,
+        ("classifier.dense", "classifier.out_proj"), 12,
+    ),
+    "gpt2": TinyArch("gpt2", tiny_gpt2, "CAUSAL_LM", _causal_lm_batch, Conv1D, ("lm_head",), 8),
+    "llama": TinyArch("llama", tiny_llama, "CAUSAL_LM", _causal_lm_batch, torch.nn.Linear, ("lm_head",), 14),
+    "t5": TinyArch("t5", tiny_t5, "SEQ_2_SEQ_LM", _seq2seq_batch, torch.nn.Linear, ("lm_head",), 32),
+}
+
+
+@pytest.fixture(params=list(ARCHS), ids=list(ARCHS))
+def tiny_models(request: pytest.FixtureRequest) -> TinyArch:
+    """Parametrises a test over the tiny BERT, RoBERTa, GPT-2, Llama and T5 architectures."""
+    return ARCHS[request.param]
+
+
+@pytest.fixture
+def bert_arch() -> TinyArch:
+    return ARCHS["bert"]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def peft_model(base: torch.nn.Module, **config_kwargs):
+    """get_peft_model on `base` with a ChildTuningConfig built from `config_kwargs`."""
+    return get_peft_model(base, ChildTuningConfig(**config_kwargs))
+
+
+def child_layers(model: torch.nn.Module) -> dict[str, ChildTuningLayer]:
+    """The Child-Tuning layers of a (peft) model, keyed by the name of the tuned module in the base model."""
+    return {module.module_key: module for module in model.modules() if isinstance(module, ChildTuningLayer)}
+
+
+def positions_of(layer: ChildTuningLayer, adapter: str = "default", tensor_name: str = "weight") -> torch.Tensor:
+    """The decoded child positions (sorted flat int64) of one tuned tensor of a mode-"d" adapter.
+
+    The layer stores them encoded (bitmap / int32 / gap16, see `peft_childtuning.sparse_format`); this decodes them.
+    """
+    from peft_childtuning.sparse_format import decode_positions
+
+    values_attr, positions_attr = {
+        "weight": ("childtuning_values", "childtuning_positions"),
+        "bias": ("childtuning_bias_values", "childtuning_bias_positions"),
+    }[tensor_name]
+    encoded = getattr(layer, positions_attr)[adapter]
+    numel = getattr(layer.get_base_layer(), tensor_name).numel()
+    size = getattr(layer, values_attr)[adapter].numel()
+    encoding = layer.childtuning_spec[adapter].encodings[tensor_name]
+    positions = decode_positions(encoded, numel, size, encoding, layer.tensor_key(tensor_name))
+    # the layer's own decoded view agrees
+    assert torch.equal(layer._positions(adapter, tensor_name), positions)
+    return positions
+
+
+def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Snapshot of the base weight of every Child-Tuning layer, keyed by tensor key."""
+    return {
+        layer.tensor_key("weight"): layer.get_base_layer().weight.detach().clone()
+        for layer in child_layers(model).values()
+    }
+
+
+def composed_weights(model: torch.nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The effective weight of every Child-Tuning layer (base with the adapter's child values), by tensor key."""
+    with torch.no_grad():
+        return {
+            layer.tensor_key("weight"): layer.compose("weight", [adapter]).detach().clone()
+            for layer in child_layers(model).values()
+        }
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+def fresh_copy(module: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(module)
+
+
+def train_steps(model, optimizer, batches, steps: int | None = None) -> None:
+    """Plain training loop: forward, backward, optimizer step, zero_grad, over `batches` (cycled to `steps`)."""
+    model.train()
+    steps = len(batches) if steps is None else steps
+    for step in range(steps):
+        loss = model(**batches[step % len(batches)]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
