@@ -172,7 +172,8 @@ class ChildTuningLayer(BaseTunerLayer):
                 else:  # Fisher: placeholders, filled by detect_child_network or by the adapter being loaded
                     encodings[tensor_name] = (config.child_encodings or {}).get(key, "int32")
                     encoded = placeholder(tensor.numel(), size, encodings[tensor_name])
-                    values = torch.zeros(size, dtype=tensor.dtype, device=tensor.device)
+                    # NaN until loaded: a loader that skips a tensor is caught at first use, never a wrong model
+                    values = torch.full((size,), float("nan"), dtype=tensor.dtype, device=tensor.device)
                 getattr(self, positions_attr)[adapter_name] = encoded.to(tensor.device)
             if not config.init_weights:
                 values = values.float() + _TEST_INIT_NOISE * torch.randn(values.shape, device=values.device)
@@ -240,6 +241,11 @@ class ChildTuningLayer(BaseTunerLayer):
         if cached is None or cached[0] != identity:
             base_tensor = getattr(self.get_base_layer(), tensor_name)
             values = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name]
+            if not values.is_meta and not bool(torch.isfinite(values).all()):
+                raise AdapterFormatError(
+                    f"{self.tensor_key(tensor_name)}: the child values of adapter '{adapter_name}' are NaN or inf "
+                    "(not loaded, or a corrupted adapter file)."
+                )
             positions = decode_positions(
                 encoded,
                 base_tensor.numel(),

@@ -29,6 +29,15 @@ def tuned_tensors(model: nn.Module, adapter_name: str) -> Iterator[tuple[ChildTu
                 yield module, tensor_name, module.tensor_key(tensor_name), getattr(module.get_base_layer(), tensor_name)
 
 
+def discard_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter that failed its checks from every layer, so the model computes what its base does."""
+    for module in model.modules():
+        if isinstance(module, ChildTuningLayer) and adapter_name in module.childtuning_spec:
+            if adapter_name in module.merged_adapters:
+                module.unmerge()
+            module.delete_adapter(adapter_name)
+
+
 def record_child_network(model: nn.Module, config: ChildTuningConfig, adapter_name: str) -> None:
     """Write the child sizes and position encodings of the model's layers into the adapter's config."""
     tuned = list(tuned_tensors(model, adapter_name))
@@ -96,7 +105,7 @@ class ChildTuningModel(BaseTuner):
         elif not (config.ignore_base_mismatch or config.needs_fisher_pass) and not fingerprint_matches(
             config.base_fingerprint, ((key, tensor) for _, _, key, tensor in tensors)
         ):
-            self._remove_injected_adapter(adapter_name)
+            discard_adapter(self.model, adapter_name)
             raise AdapterFormatError(
                 f"Adapter '{adapter_name}' was tuned from other base weights than this model's "
                 f"(base_model_name_or_path={config.base_model_name_or_path!r}): its base fingerprint does not match. "
@@ -110,12 +119,6 @@ class ChildTuningModel(BaseTuner):
             for layer in {id(layer): layer for layer, _, _, _ in tensors}.values():
                 layer.update_layer(adapter_name, config)
             record_child_network(self.model, config, adapter_name)
-
-    def _remove_injected_adapter(self, adapter_name: str) -> None:
-        """Undo an injection that failed its checks, leaving the model as it was before."""
-        for module in self.model.modules():
-            if isinstance(module, ChildTuningLayer) and adapter_name in module.childtuning_spec:
-                module.delete_adapter(adapter_name)
 
     def _tuned_tensors(self, adapter_name: str) -> Iterator[tuple[ChildTuningLayer, str, str, torch.Tensor]]:
         return tuned_tensors(self.model, adapter_name)
@@ -239,20 +242,44 @@ class ChildTuningModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Check every tuned tensor of the checkpoint before anything is loaded, so a bad file changes nothing.
+        """Check the checkpoint before anything is loaded, so a bad file changes nothing.
 
-        An adapter still waiting for its Fisher pass takes the checkpoint's child network instead (e.g. a Trainer
-        resuming from a checkpoint), so resuming never recomputes the Fisher pass.
+        Every tensor must fit the model's (shape) and be finite; each tuned tensor's child values and positions must
+        agree with each other and with the config. On a bad file the adapter is removed again, so the model keeps
+        computing what its base does. An adapter still waiting for its Fisher pass takes the checkpoint's child
+        network instead (e.g. a Trainer resuming from a checkpoint), so resuming never recomputes the Fisher pass.
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        try:
+            cls._check_checkpoint(model, config, adapter_name, remapped)
+        except AdapterFormatError:
+            discard_adapter(model, adapter_name)
+            raise
+        return remapped
+
+    @classmethod
+    def _check_checkpoint(
+        cls, model: nn.Module, config: ChildTuningConfig, adapter_name: str, checkpoint: dict[str, torch.Tensor]
+    ) -> None:
+        model_tensors = model.state_dict(keep_vars=True)
         adopt_child_network = config.needs_fisher_pass
+        for key, tensor in checkpoint.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AdapterFormatError(f"{key}: the adapter file holds NaN or inf values.")
+            expected = model_tensors.get(key, model_tensors.get(key.removeprefix("base_model.model.")))
+            is_child_tensor = any(attr in key for pair in TUNED_TENSOR_CONTAINERS.values() for attr in pair)
+            if expected is not None and not is_child_tensor and expected.shape != tensor.shape:
+                raise AdapterFormatError(
+                    f"{key}: the file has shape {tuple(tensor.shape)}, the model {tuple(expected.shape)}; the adapter "
+                    "was saved from another model."
+                )
         for prefix, layer in cls._layers_by_state_dict_prefix(model).items():
             for tensor_name in layer.tuned_tensor_names(adapter_name):
                 values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
                 keys = [f"{prefix}{values_attr}.{adapter_name}"]
                 if config.mode == "d":
                     keys.append(f"{prefix}{positions_attr}.{adapter_name}")
-                tensors = [remapped.get(key, remapped.get(f"base_model.model.{key}")) for key in keys]
+                tensors = [checkpoint.get(key, checkpoint.get(f"base_model.model.{key}")) for key in keys]
                 for key, tensor in zip(keys, tensors):
                     if tensor is None:
                         raise AdapterFormatError(f"The adapter file has no tensor for {key}: it is incomplete.")
@@ -267,7 +294,6 @@ class ChildTuningModel(BaseTuner):
                 validate_child_tensors(layer, adapter_name, tensor_name, *tensors)
         if adopt_child_network:
             record_child_network(model, config, adapter_name)
-        return remapped
 
     # ----------------------------------------------------------------------------------------------- unloading
     def unload(self) -> nn.Module:

@@ -37,13 +37,17 @@ def encoded_bytes(numel: int, size: int, encoding: str) -> int:
 
 
 def placeholder(numel: int, size: int, encoding: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """An encoded-positions tensor of the right shape and dtype, to be filled by a loader."""
+    """An encoded-positions tensor of the right shape and dtype, to be filled by a loader.
+
+    Unless the child is empty it does not decode (no bit set, position -1, zero gaps), so a loader that skips it
+    is caught at first use.
+    """
     if encoding == "bitmap":
         return torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=device)
     if encoding == "int32":
-        return torch.arange(size, dtype=torch.int32, device=device)
+        return torch.full((size,), -1, dtype=torch.int32, device=device)
     if encoding == "gap16":
-        return torch.ones(size, dtype=torch.uint16, device=device)
+        return torch.zeros(size, dtype=torch.uint16, device=device)
     raise AdapterFormatError(f"unknown position encoding {encoding!r}; expected one of {ENCODINGS}")
 
 
