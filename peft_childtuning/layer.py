@@ -318,9 +318,12 @@ class ChildTuningLayer(BaseTunerLayer):
         for adapter_name in adapter_names:
             if adapter_name not in self.childtuning_spec:
                 continue
+            broken = ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+            if safe_merge and not all(torch.isfinite(values).all() for values in self._adapter_parameters(adapter_name)):
+                raise broken
             updates = {name: self._merged_values(adapter_name, name) for name in self.tuned_tensor_names(adapter_name)}
             if safe_merge and not all(torch.isfinite(values).all() for _, values in updates.values()):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+                raise broken  # finite values can still overflow the base dtype
             for tensor_name, (index, new_values) in updates.items():
                 flat = getattr(self.get_base_layer(), tensor_name).data.view(-1)
                 originals = flat.clone() if index is None else flat[index]
