@@ -6,8 +6,18 @@ from .config import ChildTuningConfig
 from .layer import ChildTuningLayer, ChildTuningModule
 from .model import ChildTuningModel
 from .registration import CHILDTUNING_PEFT_TYPE
+from .trainer import ChildTuningCallback, exclude_child_positions_from_ddp, prepare_child_network
 
 __version__ = "0.1.0"
-__all__ = ["CHILDTUNING_PEFT_TYPE", "ChildTuningConfig", "ChildTuningLayer", "ChildTuningModel", "ChildTuningModule"]
+__all__ = [
+    "CHILDTUNING_PEFT_TYPE",
+    "ChildTuningCallback",
+    "ChildTuningConfig",
+    "ChildTuningLayer",
+    "ChildTuningModel",
+    "ChildTuningModule",
+    "exclude_child_positions_from_ddp",
+    "prepare_child_network",
+]
 
 register_peft_method(name="childtuning", config_cls=ChildTuningConfig, model_cls=ChildTuningModel, prefix="childtuning_")

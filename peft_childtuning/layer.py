@@ -241,7 +241,7 @@ class ChildTuningLayer(BaseTunerLayer):
         if cached is None or cached[0] != identity:
             base_tensor = getattr(self.get_base_layer(), tensor_name)
             values = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name]
-            if not values.is_meta and not bool(torch.isfinite(values).all()):
+            if not values.is_meta and not bool(torch.isfinite(values.detach()).all()):
                 raise AdapterFormatError(
                     f"{self.tensor_key(tensor_name)}: the child values of adapter '{adapter_name}' are NaN or inf "
                     "(not loaded, or a corrupted adapter file)."

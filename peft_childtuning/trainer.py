@@ -1,0 +1,369 @@
+"""Child-Tuning in the transformers `Trainer`: a callback, and a hook for multi-process runs.
+
+One process (the usual case)::
+
+    model = get_peft_model(base, ChildTuningConfig(mode="d", reserve_p=0.3, task_type="SEQ_CLS"))
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[ChildTuningCallback()])
+    trainer.train()
+
+Mode "d": at the start of training the callback runs the Fisher pass on the Trainer's own train dataloader (its
+collator, its column removal, its batch size) and logs the size of the child network; training then proceeds. The
+optimizer the Trainer has already created keeps working: choosing the child network resizes the values Parameters
+in place. Mode "f": the callback keeps the mask step equal to the Trainer's ``global_step``, so a resumed run draws
+the same masks as an uninterrupted one.
+
+Several processes (``accelerate launch``, ``torchrun``), in both modes, and whenever you prefer the Fisher pass
+before ``train()``::
+
+    trainer = Trainer(..., callbacks=[ChildTuningCallback()])
+    prepare_child_network(trainer)  # Fisher pass on every process, scores summed over processes
+    trainer.train()
+
+By the time ``on_train_begin`` runs, a multi-process Trainer has wrapped the model in DistributedDataParallel, whose
+gradient buckets were laid out for the empty placeholders of an adapter still waiting for its Fisher pass; the pass
+must therefore come before ``trainer.train()``, and the callback refuses (with this advice) rather than train a
+broken model. ``prepare_child_network`` also keeps DDP from broadcasting the child positions (gloo refuses the
+uint16 of their "gap16" encoding), which is why multi-process runs call it when resuming and in mode "f" too.
+
+Resuming (``trainer.train(resume_from_checkpoint=...)``) needs no Fisher pass: a Trainer checkpoint holds the child
+network, and an adapter still waiting for its Fisher pass adopts the checkpoint's child network when the Trainer
+loads it (which the Trainer does before wrapping the model, except under FSDP).
+``prepare_child_network(trainer, resume_from_checkpoint=...)`` adopts it explicitly, before anything is wrapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .fisher import LossFunction
+from .gradient_mask import MaskStepCounter
+from .layer import ChildTuningLayer
+from .model import ChildTuningModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ChildTuningCallback", "child_network_summary", "exclude_child_positions_from_ddp", "prepare_child_network"]
+
+# the buffers that hold a mode-"d" adapter's encoded child positions
+_POSITION_BUFFERS = (".childtuning_positions.", ".childtuning_bias_positions.")
+
+
+# ------------------------------------------------------------------------------------------------ model lookup
+def _child_tuning_models(model: nn.Module) -> list[ChildTuningModel]:
+    """The Child-Tuning tuners inside `model` (a PeftModel, possibly wrapped in DDP / FSDP / compile)."""
+    return [module for module in model.modules() if isinstance(module, ChildTuningModel)]
+
+
+def _step_counters(model: nn.Module) -> list[MaskStepCounter]:
+    """Every mode-"f" mask step counter the model's Child-Tuning layers read (one per tuner, usually)."""
+    counters: dict[int, MaskStepCounter] = {}
+    for module in model.modules():
+        if isinstance(module, ChildTuningLayer):
+            counters[id(module.step_counter)] = module.step_counter
+    return list(counters.values())
+
+
+def _pending_adapters(tuner: ChildTuningModel) -> list[str]:
+    """Active mode-"d" adapters still waiting for their Fisher pass."""
+    return [name for name in tuner.active_adapters if tuner.peft_config[name].needs_fisher_pass]
+
+
+def _is_distributed() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def _is_main_process() -> bool:
+    return not _is_distributed() or torch.distributed.get_rank() == 0
+
+
+def child_network_summary(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per Child-Tuning adapter of `model`: mode, reserve_p, child entries (mode "d") and tuned entries."""
+    summary = {}
+    for tuner in _child_tuning_models(model):
+        for name, config in tuner.peft_config.items():
+            tuned = sum(tensor.numel() for _, _, _, tensor in tuner._tuned_tensors(name))
+            entry: dict[str, Any] = {"mode": config.mode, "reserve_p": config.reserve_p, "tuned_entries": tuned}
+            if config.mode == "d":
+                child = None if config.child_sizes is None else sum(config.child_sizes.values())
+                entry["child_entries"] = child
+                entry["child_fraction"] = None if child is None else child / max(tuned, 1)
+                entry["tensors"] = None if config.child_sizes is None else len(config.child_sizes)
+            summary[name] = entry
+    return summary
+
+
+def _log_summary(model: nn.Module, global_step: Optional[int]) -> dict[str, dict[str, Any]]:
+    """Log each adapter's child network (mode "d") or mask (mode "f", when the starting step is known)."""
+    summary = child_network_summary(model)
+    if _is_main_process():
+        for name, entry in summary.items():
+            if entry["mode"] == "d" and entry["child_entries"] is not None:
+                logger.info(
+                    "Child-Tuning-D adapter '%s': child network of %d / %d entries (%.2f%%) in %d tensors",
+                    name,
+                    entry["child_entries"],
+                    entry["tuned_entries"],
+                    100.0 * entry["child_fraction"],
+                    entry["tensors"],
+                )
+            elif entry["mode"] == "f" and global_step is not None:
+                logger.info(
+                    "Child-Tuning-F adapter '%s': %d tuned entries, each step keeps a random %.2f%% of their "
+                    "gradients (masks from step %d)",
+                    name,
+                    entry["tuned_entries"],
+                    100.0 * entry["reserve_p"],
+                    global_step,
+                )
+    return summary
+
+
+def exclude_child_positions_from_ddp(model: nn.Module) -> list[str]:
+    """Have DistributedDataParallel leave the encoded child positions of `model` alone; call it before wrapping.
+
+    DDP broadcasts every buffer from process 0 when it wraps a model (and before each forward), but gloo refuses the
+    uint16 of the "gap16" position encoding (``RuntimeError: Invalid scalar type``; NCCL has no 16-bit integer type
+    either). The positions
+    need no broadcast: every process selects the same child network (Fisher scores summed over processes, a seeded
+    random selection, or the same checkpoint). Sets DDP's ``_ddp_params_and_buffers_to_ignore`` on `model`, the
+    module that will be wrapped (a PeftModel), and returns the names added. :func:`prepare_child_network` calls it.
+    """
+    names = [name for name, _ in model.named_buffers() if any(part in name for part in _POSITION_BUFFERS)]
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(names))
+    return names
+
+
+# ------------------------------------------------------------------------------------------------ the Fisher pass
+def _run_fisher_pass(
+    tuner: ChildTuningModel,
+    dataloader: Iterable[Any],
+    num_batches: Optional[int],
+    loss_fn: Optional[LossFunction],
+    max_grad_norm: Optional[float],
+    progress: bool,
+) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for adapter_name in _pending_adapters(tuner):
+        sizes.update(
+            tuner.detect_child_network(
+                dataloader,
+                num_batches=num_batches,
+                loss_fn=loss_fn,
+                max_grad_norm=max_grad_norm,
+                adapter_name=adapter_name,
+                progress=progress,
+            )
+        )
+    return sizes
+
+
+def _require_single_tuner(model: nn.Module, who: str) -> ChildTuningModel:
+    tuners = _child_tuning_models(model)
+    if not tuners:
+        raise ValueError(
+            f"{who}: the model has no Child-Tuning adapter. Wrap it first: "
+            "model = get_peft_model(base, ChildTuningConfig(...))."
+        )
+    return tuners[0]
+
+
+class ChildTuningCallback(TrainerCallback):
+    """Child-Tuning for the transformers `Trainer`: ``Trainer(..., callbacks=[ChildTuningCallback()])``.
+
+    - Mode "d" (Fisher selection): at the start of training, if the adapter has no child network yet, runs the
+      Fisher pass on the Trainer's train dataloader and selects the child network. A resumed run (the checkpoint
+      holds the child network) or one prepared with :func:`prepare_child_network` skips the pass.
+    - Both modes: logs the size of the child network / of the tuned tensors (logger ``peft_childtuning.trainer``,
+      level INFO) and keeps it in :attr:`summary`.
+    - Mode "f": sets the mask step to the Trainer's ``global_step`` at the start of training and after every step,
+      so the masks depend on the optimizer step only, also across resumes (and stay right when a mixed-precision
+      step is skipped).
+
+    In a multi-process run the Fisher pass must come before ``trainer.train()``: call
+    ``prepare_child_network(trainer)`` first (it reads this callback's settings).
+
+    Args:
+        num_batches: batches of the Fisher pass (per process; default: one epoch of the train dataloader).
+        loss_fn: ``loss_fn(model, batch) -> loss`` for the Fisher pass (default: ``model(**batch).loss``).
+        max_grad_norm: per-tensor gradient clipping of the Fisher pass (the paper's code: 1.0).
+        progress: show a progress bar during the Fisher pass.
+    """
+
+    def __init__(
+        self,
+        num_batches: Optional[int] = None,
+        loss_fn: Optional[LossFunction] = None,
+        max_grad_norm: Optional[float] = 1.0,
+        progress: bool = False,
+    ) -> None:
+        self.num_batches = num_batches
+        self.loss_fn = loss_fn
+        self.max_grad_norm = max_grad_norm
+        self.progress = progress
+        self.fisher_passes = 0  # Fisher passes run for this Trainer (0 when resumed from a checkpoint)
+        self.fisher_seconds = 0.0  # their wall time
+        self.summary: dict[str, dict[str, Any]] = {}
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Optional[nn.Module] = None,
+        train_dataloader: Optional[Iterable[Any]] = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise ValueError("ChildTuningCallback: the Trainer passed no model to on_train_begin.")
+        tuner = _require_single_tuner(model, "ChildTuningCallback")
+        pending = _pending_adapters(tuner)
+        if pending:
+            if _is_distributed() or any(hasattr(param, "device_mesh") for param in model.parameters()):
+                raise RuntimeError(
+                    f"ChildTuningCallback: Child-Tuning-D adapter(s) {pending} still need their Fisher pass, but this "
+                    "is a multi-process run and the Trainer has already wrapped the model (DDP/FSDP), whose gradient "
+                    "buckets cannot follow the child network. Call "
+                    "`peft_childtuning.trainer.prepare_child_network(trainer)` before `trainer.train()`: it runs the "
+                    "Fisher pass (or, given resume_from_checkpoint, adopts the checkpoint's child network)."
+                )
+            if train_dataloader is None:
+                raise ValueError(
+                    "ChildTuningCallback: the Fisher pass needs the Trainer's train dataloader, and none was passed; "
+                    "call prepare_child_network(trainer) before trainer.train()."
+                )
+            started = time.perf_counter()
+            _run_fisher_pass(
+                tuner, train_dataloader, self.num_batches, self.loss_fn, self.max_grad_norm, self.progress
+            )
+            self.fisher_seconds += time.perf_counter() - started
+            self.fisher_passes += 1
+        for counter in _step_counters(model):
+            counter.step = state.global_step
+        self.summary = _log_summary(model, state.global_step)
+
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Optional[nn.Module] = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is not None:
+            for counter in _step_counters(model):
+                counter.step = state.global_step
+
+
+def _find_callback(trainer: Any) -> Optional[ChildTuningCallback]:
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ChildTuningCallback):
+            return callback
+    return None
+
+
+_UNSET: Any = object()
+
+
+def prepare_child_network(
+    trainer: Any,
+    resume_from_checkpoint: Union[str, bool, None] = None,
+    num_batches: Optional[int] = _UNSET,
+    loss_fn: Optional[LossFunction] = _UNSET,
+    max_grad_norm: Optional[float] = _UNSET,
+    progress: bool = _UNSET,
+) -> dict[str, dict[str, Any]]:
+    """Give the Trainer's Child-Tuning-D adapter its child network now, before ``trainer.train()`` wraps the model.
+
+    Needed in multi-process runs (DDP, FSDP: the wrapper's buckets / shards are laid out when ``train()`` starts);
+    harmless in one process. Each process runs the Fisher pass on its shard of ``trainer.get_train_dataloader()``
+    and the scores are summed over processes before the selection, so every process selects the same child network,
+    the one a single process would select over all the batches.
+
+    With ``resume_from_checkpoint`` (a checkpoint folder, or True for the last one in ``args.output_dir``) no Fisher
+    pass runs: the adapter adopts the checkpoint's child network (and values; the Trainer loads them again). Pass the
+    same value to ``trainer.train(resume_from_checkpoint=...)``.
+
+    Adapters that already have a child network (mode "f", random selection, prepared before) are left alone. The
+    Fisher-pass settings default to those of the trainer's :class:`ChildTuningCallback`, if it has one. In every
+    multi-process run call it before ``train()`` (also when resuming, or in mode "f"): it also keeps DDP from
+    broadcasting the child positions (:func:`exclude_child_positions_from_ddp`).
+
+    Returns:
+        Per adapter: mode, reserve_p, tuned entries and (mode "d") child entries.
+    """
+    model = trainer.model
+    tuner = _require_single_tuner(model, "prepare_child_network")
+    callback = _find_callback(trainer)
+    settings = {
+        "num_batches": None if callback is None else callback.num_batches,
+        "loss_fn": None if callback is None else callback.loss_fn,
+        "max_grad_norm": 1.0 if callback is None else callback.max_grad_norm,
+        "progress": False if callback is None else callback.progress,
+    }
+    for key, value in (
+        ("num_batches", num_batches),
+        ("loss_fn", loss_fn),
+        ("max_grad_norm", max_grad_norm),
+        ("progress", progress),
+    ):
+        if value is not _UNSET:
+            settings[key] = value
+    pending = _pending_adapters(tuner)
+    if pending and getattr(trainer, "model_wrapped", model) is not model:
+        raise RuntimeError(
+            "prepare_child_network: the Trainer has already wrapped the model (it trained before); call "
+            "prepare_child_network(trainer) before the first trainer.train()."
+        )
+    if pending and resume_from_checkpoint not in (None, False):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(trainer.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"prepare_child_network: no checkpoint found in {trainer.args.output_dir}.")
+        _adopt_checkpoint_child_network(model, tuner, str(checkpoint), pending)
+    elif pending:
+        started = time.perf_counter()
+        _run_fisher_pass(tuner, trainer.get_train_dataloader(), **settings)
+        if callback is not None:
+            callback.fisher_seconds += time.perf_counter() - started
+            callback.fisher_passes += 1
+    exclude_child_positions_from_ddp(model)
+    summary = _log_summary(model, None)  # the callback logs mode "f" once it knows the starting step
+    if callback is not None:
+        callback.summary = summary
+    return summary
+
+
+def _adopt_checkpoint_child_network(
+    model: nn.Module, tuner: ChildTuningModel, checkpoint: str, adapters: list[str]
+) -> None:
+    """Load the adapters' tensors from a Trainer checkpoint: a Fisher-pending adapter adopts its child network."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    for adapter_name in adapters:
+        # the Trainer saves the default adapter at the top of the checkpoint, others in sub-folders
+        folder = checkpoint if adapter_name == "default" else os.path.join(checkpoint, adapter_name)
+        if not os.path.isdir(folder):
+            folder = checkpoint
+        weights = load_peft_weights(folder, device=str(next(model.parameters()).device))
+        set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+        if tuner.peft_config[adapter_name].needs_fisher_pass:
+            raise ValueError(
+                f"prepare_child_network: the checkpoint {checkpoint} holds no child network for adapter "
+                f"'{adapter_name}'."
+            )
