@@ -6,7 +6,7 @@ from .config import ChildTuningConfig
 from .layer import ChildTuningLayer, ChildTuningModule
 from .model import ChildTuningModel
 from .registration import CHILDTUNING_PEFT_TYPE
-from .trainer import ChildTuningCallback, exclude_child_positions_from_ddp, prepare_child_network
+from .trainer import ChildTuningCallback, prepare_child_network
 
 __version__ = "0.1.0"
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "ChildTuningLayer",
     "ChildTuningModel",
     "ChildTuningModule",
-    "exclude_child_positions_from_ddp",
     "prepare_child_network",
 ]
 

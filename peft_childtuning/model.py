@@ -205,6 +205,22 @@ class ChildTuningModel(BaseTuner):
             raise ValueError(f"Several adapters are active ({self.active_adapters}); pass adapter_name=.")
         return self.active_adapters[0]
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Buffers DistributedDataParallel must not broadcast: the encoded child positions.
+
+        DDP broadcasts buffers from process 0, but gloo and NCCL have no 16-bit integer type for the "gap16"
+        encoding; and every process holds the same positions anyway (Fisher summed over processes, a seeded random
+        child, or the same checkpoint). DDP looks this attribute up on the module it wraps, which reaches the tuner
+        through PeftModel's attribute forwarding; the names are given relative to each possible root.
+        """
+        names = [
+            name
+            for name, _ in self.model.named_buffers()
+            if any(f".{positions_attr}." in f".{name}" for _, positions_attr in TUNED_TENSOR_CONTAINERS.values())
+        ]
+        return [f"{root}{name}" for name in names for root in ("", "model.", "base_model.model.")]
+
     # ----------------------------------------------------------------------------------------------- saving, loading
     @staticmethod
     def _layers_by_state_dict_prefix(model: nn.Module) -> dict[str, ChildTuningLayer]:

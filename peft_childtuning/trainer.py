@@ -22,8 +22,7 @@ before ``train()``::
 By the time ``on_train_begin`` runs, a multi-process Trainer has wrapped the model in DistributedDataParallel, whose
 gradient buckets were laid out for the empty placeholders of an adapter still waiting for its Fisher pass; the pass
 must therefore come before ``trainer.train()``, and the callback refuses (with this advice) rather than train a
-broken model. ``prepare_child_network`` also keeps DDP from broadcasting the child positions (gloo refuses the
-uint16 of their "gap16" encoding), which is why multi-process runs call it when resuming and in mode "f" too.
+broken model. (DDP leaves the child positions alone: the tuner lists them in ``_ddp_params_and_buffers_to_ignore``.)
 
 Resuming (``trainer.train(resume_from_checkpoint=...)``) needs no Fisher pass: a Trainer checkpoint holds the child
 network, and an adapter still waiting for its Fisher pass adopts the checkpoint's child network when the Trainer
@@ -51,11 +50,7 @@ from .model import ChildTuningModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChildTuningCallback", "child_network_summary", "exclude_child_positions_from_ddp", "prepare_child_network"]
-
-# the buffers that hold a mode-"d" adapter's encoded child positions
-_POSITION_BUFFERS = (".childtuning_positions.", ".childtuning_bias_positions.")
-
+__all__ = ["ChildTuningCallback", "child_network_summary", "prepare_child_network"]
 
 # ------------------------------------------------------------------------------------------------ model lookup
 def _child_tuning_models(model: nn.Module) -> list[ChildTuningModel]:
@@ -129,22 +124,6 @@ def _log_summary(model: nn.Module, global_step: Optional[int]) -> dict[str, dict
                     global_step,
                 )
     return summary
-
-
-def exclude_child_positions_from_ddp(model: nn.Module) -> list[str]:
-    """Have DistributedDataParallel leave the encoded child positions of `model` alone; call it before wrapping.
-
-    DDP broadcasts every buffer from process 0 when it wraps a model (and before each forward), but gloo refuses the
-    uint16 of the "gap16" position encoding (``RuntimeError: Invalid scalar type``; NCCL has no 16-bit integer type
-    either). The positions
-    need no broadcast: every process selects the same child network (Fisher scores summed over processes, a seeded
-    random selection, or the same checkpoint). Sets DDP's ``_ddp_params_and_buffers_to_ignore`` on `model`, the
-    module that will be wrapped (a PeftModel), and returns the names added. :func:`prepare_child_network` calls it.
-    """
-    names = [name for name, _ in model.named_buffers() if any(part in name for part in _POSITION_BUFFERS)]
-    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
-    model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(names))
-    return names
 
 
 # ------------------------------------------------------------------------------------------------ the Fisher pass
@@ -299,8 +278,7 @@ def prepare_child_network(
 
     Adapters that already have a child network (mode "f", random selection, prepared before) are left alone. The
     Fisher-pass settings default to those of the trainer's :class:`ChildTuningCallback`, if it has one. In every
-    multi-process run call it before ``train()`` (also when resuming, or in mode "f"): it also keeps DDP from
-    broadcasting the child positions (:func:`exclude_child_positions_from_ddp`).
+    multi-process run call it before ``train()`` when an adapter still needs its Fisher pass or when resuming.
 
     Returns:
         Per adapter: mode, reserve_p, tuned entries and (mode "d") child entries.
@@ -341,7 +319,6 @@ def prepare_child_network(
         if callback is not None:
             callback.fisher_seconds += time.perf_counter() - started
             callback.fisher_passes += 1
-    exclude_child_positions_from_ddp(model)
     summary = _log_summary(model, None)  # the callback logs mode "f" once it knows the starting step
     if callback is not None:
         callback.summary = summary

@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from conftest import VOCAB, child_layers, peft_model, positions_of, tiny_bert  # noqa: E402  (also sets 1 thread)
 from peft_childtuning.gradient_mask import bernoulli_keep_mask  # noqa: E402
-from peft_childtuning.trainer import exclude_child_positions_from_ddp  # noqa: E402
 
 N_EXAMPLES = 32
 SEQ = 8
@@ -123,8 +122,10 @@ def plain(mode: str) -> dict[str, Any]:
         result["positions"] = child_positions(model)
         specs = [layer.childtuning_spec["default"] for layer in child_layers(model).values()]
         result["encodings"] = sorted({encoding for spec in specs for encoding in spec.encodings.values()})
-        # DDP would broadcast the positions buffers, and gloo refuses the uint16 of the gap16 encoding
-        result["ddp_ignores"] = exclude_child_positions_from_ddp(model)
+        # DDP would broadcast the positions buffers, and gloo refuses the uint16 of the gap16 encoding: the tuner
+        # names them in DDP's ignore list, found on the PeftModel through its attribute forwarding
+        buffers = {name for name, _ in model.named_buffers()}
+        result["ddp_ignores"] = sorted(set(model._ddp_params_and_buffers_to_ignore) & buffers)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     ddp_model, optimizer, loader = accelerator.prepare(
         model, optimizer, DataLoader(data, batch_size=PER_PROCESS_BATCH)
