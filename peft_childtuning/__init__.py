@@ -5,6 +5,7 @@ from peft.utils import register_peft_method
 from .config import ChildTuningConfig
 from .layer import ChildTuningLayer, ChildTuningModule
 from .model import ChildTuningModel
+from .hub import enable_peft_push_to_hub, push_to_hub
 from .registration import CHILDTUNING_PEFT_TYPE
 from .trainer import ChildTuningCallback, prepare_child_network
 
@@ -17,6 +18,10 @@ __all__ = [
     "ChildTuningModel",
     "ChildTuningModule",
     "prepare_child_network",
+    "push_to_hub",
 ]
 
 register_peft_method(name="childtuning", config_cls=ChildTuningConfig, model_cls=ChildTuningModel, prefix="childtuning_")
+# PeftModel.push_to_hub would upload transformers' template card over ours: for Child-Tuning adapters (only) it
+# uploads the adapter with our model card in one commit instead
+enable_peft_push_to_hub()

@@ -591,7 +591,7 @@ def from_pretrained(
     return PeftModel.from_pretrained(model, folder, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
 
 
-# ------------------------------------------------------------------------------------------------ opt-in wiring
+# ------------------------------------------------------------------------------------------------ PeftModel.push_to_hub wiring
 _PUSH_ARGUMENTS = {"revision", "private", "token", "commit_message", "commit_description", "create_pr"}
 _original_push_to_hub: Any = None
 _push_to_hub_was_own_attribute = False
@@ -610,7 +610,10 @@ def _dispatching_push_to_hub(self: PeftModel, repo_id: str, **kwargs: Any) -> An
 
 
 def enable_peft_push_to_hub() -> None:
-    """Opt in: make ``PeftModel.push_to_hub`` use `push_to_hub` (our card, one commit) for Child-Tuning adapters.
+    """Make ``PeftModel.push_to_hub`` use `push_to_hub` (our card, one commit) for Child-Tuning adapters.
+
+    ``import peft_childtuning`` calls it, so ``model.push_to_hub(repo)`` uploads our model card rather than
+    transformers' template (which would replace it).
 
     Sets ``PeftModel.push_to_hub`` to a dispatcher that calls `push_to_hub` when the adapter pushed (the active one,
     or ``adapter_name=``) is a Child-Tuning adapter, and the original method (transformers' mixin) for any other.
