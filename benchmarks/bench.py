@@ -229,7 +229,7 @@ def run_topk_worker(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from peft_childtuning.fisher import select_top_k
+    from peft_childtuning.fisher import top_k_threshold
 
     chunk = 4 * 1024 * 1024
     total = int(float(args.topk_n))
@@ -240,7 +240,9 @@ def run_topk_worker(args: argparse.Namespace) -> dict:
     _reset_peak_rss()
     start = time.perf_counter()
     if args.worker == "topk_ours":
-        chosen = sum(positions.numel() for positions in select_top_k(scores, k))
+        # as detect_child_network does: the threshold, then each tensor's positions in turn (installed, then freed)
+        threshold = top_k_threshold(scores, k)
+        chosen = sum(threshold.positions(index, score).numel() for index, score in enumerate(scores))
     else:
         flat = np.concatenate([score.numpy() for score in scores])
         threshold = np.percentile(flat, 100 * (1 - args.reserve_p))

@@ -8,6 +8,7 @@ k = round(reserve_p * N) entries across all tensors, without concatenating the s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable, Optional
 
@@ -173,30 +174,43 @@ def _ordered_bits(scores: torch.Tensor) -> torch.Tensor:
     return scores.detach().reshape(-1).to(torch.float32).view(torch.int32)
 
 
-def select_top_k(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Exactly k entries with the highest scores across all tensors, as sorted int64 flat positions per tensor.
+@dataclass(frozen=True)
+class TopKThreshold:
+    """Where the k-th largest score lies: every score above `threshold_bits` is chosen, plus `ties[i]` of tensor
+    i's scores equal to it (the first ones by position). Positions are materialised per tensor, when needed."""
+
+    threshold_bits: int
+    ties: tuple[int, ...]
+
+    def positions(self, index: int, score: torch.Tensor) -> torch.Tensor:
+        """The chosen flat positions (sorted, int64) of tensor `index`, whose scores are `score`."""
+        bits = _ordered_bits(score)
+        chosen = torch.nonzero(bits > self.threshold_bits).squeeze(1)
+        if self.ties[index]:
+            ties = torch.nonzero(bits == self.threshold_bits).squeeze(1)[: self.ties[index]]
+            chosen = torch.cat([chosen, ties]).sort().values
+        return chosen
+
+
+def top_k_threshold(scores: Sequence[torch.Tensor], k: int) -> TopKThreshold:
+    """Find the threshold of the exactly-k highest scores across all tensors, without concatenating them.
 
     Ties at the threshold go to the earlier tensor, then the lower position, so the result is deterministic.
     Radix selection on the float bits: one histogram pass over the high 16 bits, one over the low 16 bits of the
-    boundary bucket, one pass to collect positions. Extra memory is one tensor's temporaries at a time.
+    boundary bucket; extra memory is one tensor's temporaries at a time. Scores must be finite and non-negative
+    (-0.0 must be passed as +0.0; `select_top_k` takes care of that).
     """
     total = sum(score.numel() for score in scores)
     if not 0 <= k <= total:
         raise ValueError(f"select_top_k: k={k} is outside [0, {total}].")
-    scores = list(scores)
-    for index, score in enumerate(scores):
-        if score.numel() and (not torch.isfinite(score).all() or bool((score < 0).any())):
-            raise ValueError("select_top_k: scores must be finite and non-negative (Fisher information is).")
-        if score.is_floating_point() and bool(torch.signbit(score).any()):
-            scores[index] = score + 0.0  # -0.0 has the sign bit set: make it +0.0, whose bits order like the value
-    if k == 0 or k == total:
-        return [torch.arange(score.numel() if k else 0, device=score.device) for score in scores]
+    if k == 0:  # above the largest possible code: nothing is chosen
+        return TopKThreshold(torch.iinfo(torch.int32).max, (0,) * len(scores))
 
-    def histogram(digit_of: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> torch.Tensor:
+    def histogram(digit_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         counts = torch.zeros(_DIGIT_VALUES, dtype=torch.int64)
         for score in scores:
             digits = digit_of(_ordered_bits(score))
-            if digits is not None and digits.numel():
+            if digits.numel():
                 counts += torch.bincount(digits, minlength=_DIGIT_VALUES).cpu()
         return counts
 
@@ -204,25 +218,31 @@ def select_top_k(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
         """The digit where the `wanted`-th largest entry falls, and how many entries lie strictly above it."""
         above = torch.cumsum(counts.flip(0), 0)  # above[i] = entries with digit >= last - i
         index = int(torch.searchsorted(above, torch.tensor(wanted)))
-        digit = _DIGIT_VALUES - 1 - index
         strictly_above = int(above[index - 1]) if index > 0 else 0
-        return digit, strictly_above
+        return _DIGIT_VALUES - 1 - index, strictly_above
 
-    high, above_high = boundary(histogram(lambda bits: (bits >> _DIGIT_BITS).long()), k)
-    low_counts = histogram(
-        lambda bits: (bits[(bits >> _DIGIT_BITS) == high] & (_DIGIT_VALUES - 1)).long()
-    )
-    low, above_low = boundary(low_counts, k - above_high)
+    high, above_high = boundary(histogram(lambda bits: bits >> _DIGIT_BITS), k)
+    low, above_low = boundary(histogram(lambda bits: bits[(bits >> _DIGIT_BITS) == high] & (_DIGIT_VALUES - 1)), k - above_high)
     threshold = (high << _DIGIT_BITS) | low
     ties_left = k - above_high - above_low
-
-    positions = []
+    ties = []
     for score in scores:
-        bits = _ordered_bits(score)
-        chosen = torch.nonzero(bits > threshold).squeeze(1)
-        if ties_left > 0:
-            ties = torch.nonzero(bits == threshold).squeeze(1)[:ties_left]
-            ties_left -= ties.numel()
-            chosen = torch.cat([chosen, ties]).sort().values
-        positions.append(chosen)
-    return positions
+        taken = min(ties_left, int(torch.count_nonzero(_ordered_bits(score) == threshold))) if ties_left else 0
+        ties.append(taken)
+        ties_left -= taken
+    return TopKThreshold(threshold, tuple(ties))
+
+
+def select_top_k(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Exactly k entries with the highest scores across all tensors, as sorted int64 flat positions per tensor.
+
+    Ties at the threshold go to the earlier tensor, then the lower position (see `top_k_threshold`).
+    """
+    scores = list(scores)
+    for index, score in enumerate(scores):
+        if score.numel() and (not torch.isfinite(score).all() or bool((score < 0).any())):
+            raise ValueError("select_top_k: scores must be finite and non-negative (Fisher information is).")
+        if score.is_floating_point() and bool(torch.signbit(score).any()):
+            scores[index] = score + 0.0  # -0.0 has the sign bit set: make it +0.0, whose bits order like the value
+    threshold = top_k_threshold(scores, k)
+    return [threshold.positions(index, score) for index, score in enumerate(scores)]

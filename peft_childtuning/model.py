@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import ChildTuningConfig
 from .constants import TRANSFORMERS_MODELS_TO_CHILDTUNING_TARGET_MODULES_MAPPING
-from .fisher import LossFunction, child_size, estimate_fisher, proportional_child_sizes, select_top_k
+from .fisher import LossFunction, child_size, estimate_fisher, proportional_child_sizes, top_k_threshold
 from .gradient_mask import MaskStepCounter
 from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer, ChildTuningModule, validate_child_tensors
 from .sparse_format import AdapterFormatError, base_fingerprint, decode_positions, encoding_of, fingerprint_matches
@@ -185,10 +185,11 @@ class ChildTuningModel(BaseTuner):
             )
         scores = [fisher.pop(key) for _, _, key, _ in tuned]
         total = sum(score.numel() for score in scores)
-        positions = select_top_k(scores, child_size(config.reserve_p, total))
-        del scores
-        for (layer, tensor_name, _, _), chosen in zip(tuned, positions):
-            layer.set_child_network(adapter_name, tensor_name, chosen)
+        threshold = top_k_threshold(scores, child_size(config.reserve_p, total))
+        for index, (layer, tensor_name, _, _) in enumerate(tuned):
+            # one tensor's positions at a time, and its scores freed once they are installed
+            layer.set_child_network(adapter_name, tensor_name, threshold.positions(index, scores[index]))
+            scores[index] = None
         record_child_network(self.model, config, adapter_name)
         chosen_total = sum(config.child_sizes.values())
         logger.info(
