@@ -322,6 +322,40 @@ def _markdown(results: dict, settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plot(results: dict, path: Path) -> bool:
+    """Bars of step time, training memory and grad + optimizer-state bytes against vanilla, per model and method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = results.get("models", {})
+    if not models:
+        return False
+    figures = [
+        ("median_step_seconds", "step time vs vanilla"),
+        ("peak_training_rss_bytes", "training memory (peak RSS) vs vanilla"),
+        ("grad_plus_optimizer_state_bytes", "grad + optimizer state vs vanilla"),
+    ]
+    figure, axes = plt.subplots(1, len(figures), figsize=(5 * len(figures), 4), squeeze=False)
+    for axis, (field, title) in zip(axes[0], figures):
+        for offset, (model_name, runs) in enumerate(models.items()):
+            reference = runs.get("vanilla", {}).get(field)
+            methods = [method for method in runs if reference]
+            width = 0.8 / len(models)
+            positions = [index + offset * width for index in range(len(methods))]
+            axis.bar(positions, [runs[method][field] / reference for method in methods], width, label=model_name)
+            axis.set_xticks([index + 0.4 - width / 2 for index in range(len(methods))], methods, rotation=45, ha="right")
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_title(title)
+    axes[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="minilm")
@@ -373,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / f"{args.name}.json").write_text(json.dumps(results, indent=2))
     markdown = _markdown(results, settings)
     (out / f"{args.name}.md").write_text(markdown)
+    if _plot(results, out / f"{args.name}.png"):
+        print(f"plot: {out / f'{args.name}.png'}")
     print(markdown)
 
 
