@@ -246,13 +246,21 @@ class ChildTuningLayer(BaseTunerLayer):
                     f"{self.tensor_key(tensor_name)}: the child values of adapter '{adapter_name}' are NaN or inf "
                     "(not loaded, or a corrupted adapter file)."
                 )
-            positions = decode_positions(
-                encoded,
-                base_tensor.numel(),
-                values.numel(),
-                self.childtuning_spec[adapter_name].encodings[tensor_name],
-                self.tensor_key(tensor_name),
-            )
+            try:
+                positions = decode_positions(
+                    encoded,
+                    base_tensor.numel(),
+                    values.numel(),
+                    self.childtuning_spec[adapter_name].encodings[tensor_name],
+                    self.tensor_key(tensor_name),
+                )
+            except AdapterFormatError as error:
+                raise AdapterFormatError(
+                    f"{error} Adapter '{adapter_name}' expects its child network from a saved adapter (its config "
+                    "carries child_sizes) that was not loaded, or was corrupted: load it with "
+                    "PeftModel.from_pretrained or load_adapter, or create the adapter from a config without "
+                    "child_sizes."
+                ) from error
             cached = (identity, positions)
             self._decoded_positions[(adapter_name, tensor_name)] = cached
         return cached[1]
