@@ -123,6 +123,8 @@ class ChildTuningLayer(BaseTunerLayer):
         self.merged_adapters = []
         # decoded positions per (adapter, tensor name), with the identity of the encoded buffer they came from
         self._decoded_positions: dict[tuple[str, str], tuple[tuple[int, int], torch.Tensor]] = {}
+        # positions decoded while a checkpoint was validated, with its encoded tensor: reused once it is loaded
+        self._validated_positions: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         # the base values that merging overwrote, per (adapter, tensor name): unmerge copies them back
         self._merge_originals: dict[tuple[str, str], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
         self.module_key = module_key
@@ -238,6 +240,10 @@ class ChildTuningLayer(BaseTunerLayer):
         encoded = encoded_positions[adapter_name]
         identity = (encoded.data_ptr(), encoded._version)
         cached = self._decoded_positions.get((adapter_name, tensor_name))
+        validated = self._validated_positions.pop((adapter_name, tensor_name), None)
+        if (cached is None or cached[0] != identity) and validated is not None and torch.equal(validated[0], encoded):
+            cached = (identity, validated[1])  # checked (values and positions) before it was loaded
+            self._decoded_positions[(adapter_name, tensor_name)] = cached
         if cached is None or cached[0] != identity:
             base_tensor = getattr(self.get_base_layer(), tensor_name)
             values = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name]
@@ -302,8 +308,9 @@ class ChildTuningLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for key in [key for key in self._decoded_positions if key[0] == adapter_name]:
-            del self._decoded_positions[key]
+        for cache in (self._decoded_positions, self._validated_positions):
+            for key in [key for key in cache if key[0] == adapter_name]:
+                del cache[key]
 
     # ----------------------------------------------------------------------------------------------- merging
     def _merged_values(self, adapter_name: str, tensor_name: str) -> tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -408,7 +415,10 @@ def validate_child_tensors(
         raise AdapterFormatError(f"{key}: the child values contain NaN or inf.")
     if encoded_positions is not None:
         spec = layer.childtuning_spec[adapter_name]
-        decode_positions(encoded_positions, base_tensor.numel(), values.numel(), spec.encodings[tensor_name], key)
+        positions = decode_positions(
+            encoded_positions, base_tensor.numel(), values.numel(), spec.encodings[tensor_name], key
+        )
+        layer._validated_positions[(adapter_name, tensor_name)] = (encoded_positions, positions)
 
 
 def _merge_adapters_loaded_for_inference(layer: ChildTuningLayer, incompatible_keys: Any) -> None:

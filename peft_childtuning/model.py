@@ -98,10 +98,9 @@ class ChildTuningModel(BaseTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
         tensors = list(self._tuned_tensors(adapter_name))
-        fingerprint = base_fingerprint((key, tensor) for _, _, key, tensor in tensors)
         # an adapter still waiting for its Fisher pass holds no values of the base: any base will do
         if config.base_fingerprint is None:
-            config.base_fingerprint = fingerprint
+            config.base_fingerprint = base_fingerprint((key, tensor) for _, _, key, tensor in tensors)
         elif not (config.ignore_base_mismatch or config.needs_fisher_pass) and not fingerprint_matches(
             config.base_fingerprint, ((key, tensor) for _, _, key, tensor in tensors)
         ):
