@@ -180,7 +180,7 @@ def _shira_rank(model, reserve_p: float) -> int:
 
 
 def _adapter_costs(model, work: Path, batch, args: argparse.Namespace) -> dict:
-    """Adapter bytes, time to load base + adapter ready for inference, and inference latency after loading."""
+    """Adapter bytes, time to load base (+ adapter) and run a first forward, and inference latency after loading."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -202,16 +202,23 @@ def _adapter_costs(model, work: Path, batch, args: argparse.Namespace) -> dict:
                 times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    def first_forward(module) -> None:
+        with torch.inference_mode():
+            module(**inputs)
+
     load_base()  # warm the page cache so both loads read from memory
     base_times, adapter_times, base_latency, adapter_latency = [], [], [], []
     for _ in range(args.load_repeats):  # interleaved: base alone, then base + adapter
+        # "ready" includes the first forward: safetensors maps the weights lazily, so a load alone reads almost none
         start = time.perf_counter()
         bare = load_base()
+        first_forward(bare)
         base_times.append(time.perf_counter() - start)
         base_latency.append(latency(bare))
         del bare
         start = time.perf_counter()
         loaded = PeftModel.from_pretrained(load_base(), adapter_dir)
+        first_forward(loaded)
         adapter_times.append(time.perf_counter() - start)
         adapter_latency.append(latency(loaded))
         del loaded

@@ -166,12 +166,12 @@ class ChildTuningLayer(BaseTunerLayer):
             else:
                 key = self.tensor_key(tensor_name)
                 size = (config.child_sizes or {}).get(key, 0)
-                if config.selection == "random":
+                if config.selection == "random" and config.child_encodings is None:  # a new random child network
                     positions = random_child_positions(tensor.numel(), size, config.seed, key)
                     encodings[tensor_name] = choose_encoding(positions, tensor.numel())
                     encoded = encode_positions(positions, tensor.numel(), encodings[tensor_name])
                     values = tensor.detach().reshape(-1)[positions.to(tensor.device)]
-                else:  # Fisher: placeholders, filled by detect_child_network or by the adapter being loaded
+                else:  # placeholders, filled by detect_child_network or by the adapter being loaded
                     encodings[tensor_name] = (config.child_encodings or {}).get(key, "int32")
                     encoded = placeholder(tensor.numel(), size, encodings[tensor_name])
                     # NaN until loaded: a loader that skips a tensor is caught at first use, never a wrong model
