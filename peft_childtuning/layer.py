@@ -166,7 +166,7 @@ class ChildTuningLayer(BaseTunerLayer):
             else:
                 key = self.tensor_key(tensor_name)
                 size = (config.child_sizes or {}).get(key, 0)
-                if config.selection == "random" and config.child_encodings is None:  # a new random child network
+                if config.selection == "random":  # drawn from the seed: the same child network every time
                     positions = random_child_positions(tensor.numel(), size, config.seed, key)
                     encodings[tensor_name] = choose_encoding(positions, tensor.numel())
                     encoded = encode_positions(positions, tensor.numel(), encodings[tensor_name])
