@@ -147,8 +147,12 @@ class ChildTuningLayer(BaseTunerLayer):
             if adapter_name in getattr(self, values_attr)
         ]
 
+    def child_values(self, adapter_name: str, tensor_name: str) -> nn.Parameter:
+        """The adapter's trainable values for one tuned tensor (the child entries, or the whole tensor in mode f)."""
+        return getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name]
+
     def child_size(self, adapter_name: str, tensor_name: str) -> int:
-        return getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name].numel()
+        return self.child_values(adapter_name, tensor_name).numel()
 
     def tensor_key(self, tensor_name: str) -> str:
         """The name of a tuned tensor in the base model, e.g. 'encoder.layer.0.attention.self.query.weight'."""
@@ -224,7 +228,7 @@ class ChildTuningLayer(BaseTunerLayer):
 
     def _trainable_values(self, adapter_name: str, tensor_name: str) -> torch.Tensor:
         """The adapter's values for one tensor; in mode "f" routed through the per-step Bernoulli gradient mask."""
-        values = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name]
+        values = self.child_values(adapter_name, tensor_name)
         spec = self.childtuning_spec[adapter_name]
         if spec.mode == "f" and values.requires_grad and torch.is_grad_enabled() and spec.reserve_p < 1.0:
             return BernoulliGradientMask.apply(
@@ -246,7 +250,7 @@ class ChildTuningLayer(BaseTunerLayer):
             self._decoded_positions[(adapter_name, tensor_name)] = cached
         if cached is None or cached[0] != identity:
             base_tensor = getattr(self.get_base_layer(), tensor_name)
-            values = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name]
+            values = self.child_values(adapter_name, tensor_name)
             if not values.is_meta and not bool(torch.isfinite(values.detach()).all()):
                 raise AdapterFormatError(
                     f"{self.tensor_key(tensor_name)}: the child values of adapter '{adapter_name}' are NaN or inf "
@@ -293,8 +297,7 @@ class ChildTuningLayer(BaseTunerLayer):
             if positions is None:
                 composed = composed + (values - base_tensor.detach().float().reshape(-1))
             else:
-                index = positions
-                composed = composed.index_add(0, index, values - base_tensor.detach().reshape(-1)[index].float())
+                composed = composed.index_add(0, positions, values - base_tensor.detach().reshape(-1)[positions].float())
         return composed.to(base_tensor.dtype).view_as(base_tensor)
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
@@ -316,7 +319,7 @@ class ChildTuningLayer(BaseTunerLayer):
     def _merged_values(self, adapter_name: str, tensor_name: str) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(flat positions or None for all, the values to write there) for merging one adapter's tensor."""
         base_tensor = getattr(self.get_base_layer(), tensor_name)
-        values = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name].detach()
+        values = self.child_values(adapter_name, tensor_name).detach()
         index = self._positions(adapter_name, tensor_name)
         new_values = values.reshape(-1).to(base_tensor.dtype)
         if any((name, tensor_name) in self._merge_originals for name in self.merged_adapters):
@@ -365,7 +368,7 @@ class ChildTuningLayer(BaseTunerLayer):
                     flat[index.to(flat.device)] = originals.to(flat.device)
 
     def _adapter_parameters(self, adapter_name: str) -> list[torch.Tensor]:
-        return [getattr(self, TUNED_TENSOR_CONTAINERS[name][0])[adapter_name] for name in self.tuned_tensor_names(adapter_name)]
+        return [self.child_values(adapter_name, name) for name in self.tuned_tensor_names(adapter_name)]
 
     def unmerged_base_tensor(self, tensor_name: str) -> torch.Tensor:
         """A copy of the base tensor with every merged adapter's overwritten entries put back."""
@@ -403,7 +406,7 @@ def validate_child_tensors(
     """Raise `AdapterFormatError` unless a checkpoint's tensors fit this layer: shape, dtype, finite, valid positions."""
     key = layer.tensor_key(tensor_name)
     base_tensor = getattr(layer.get_base_layer(), tensor_name)
-    expected = getattr(layer, TUNED_TENSOR_CONTAINERS[tensor_name][0])[adapter_name]
+    expected = layer.child_values(adapter_name, tensor_name)
     if not values.is_floating_point():
         raise AdapterFormatError(f"{key}: child values of dtype {values.dtype}; expected a floating-point dtype.")
     if tuple(values.shape) != tuple(expected.shape):
