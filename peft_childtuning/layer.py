@@ -54,8 +54,8 @@ class AdapterSpec:
 
 
 def scatter_child(base: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A new tensor equal to `base` with `values` (cast to its dtype) at the flat int64 `positions`: differentiable in
-    the values."""
+    """A new tensor equal to `base` with `values` (cast to its dtype) at the flat `positions`: differentiable in the
+    values."""
     flat = base.reshape(-1).index_put((positions,), values.to(base.dtype))
     return flat.view_as(base)
 
@@ -100,7 +100,7 @@ class _ChildLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_values = dense.reshape(-1)[positions].to(values.dtype)
             if ctx.needs_input_grad[1]:
-                grad_weight = dense.reshape(-1).index_fill(0, positions, 0).view_as(weight).to(weight.dtype)
+                grad_weight = dense.reshape(-1).index_put((positions,), dense.new_zeros(())).view_as(weight).to(weight.dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_rows.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_values, None, grad_bias, None
@@ -237,7 +237,8 @@ class ChildTuningLayer(BaseTunerLayer):
         return values
 
     def _positions(self, adapter_name: str, tensor_name: str) -> Optional[torch.Tensor]:
-        """The adapter's child positions in one tensor (int64, sorted), or None where it tunes every entry (mode f)."""
+        """The adapter's child positions in one tensor (sorted, see `decode_positions`), or None where it tunes every
+        entry (mode f)."""
         encoded_positions = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])
         if adapter_name not in encoded_positions:
             return None

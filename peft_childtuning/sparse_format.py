@@ -87,7 +87,11 @@ def encode_positions(positions: torch.Tensor, numel: int, encoding: str) -> torc
 
 
 def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str, name: str) -> torch.Tensor:
-    """Sorted flat positions (int64) from their encoding, checked against the tensor's size and the child size."""
+    """Sorted flat positions from their encoding, checked against the tensor's size and the child size.
+
+    int32 where the tensor has fewer than 2**31 entries: decoded positions stay in memory for training and merging,
+    and torch indexes with int32 as with int64 at half the bytes.
+    """
     expected_dtype = _ENCODING_DTYPES.get(encoding)
     if expected_dtype is None:
         raise AdapterFormatError(f"{name}: unknown position encoding {encoding!r}; expected one of {ENCODINGS}")
@@ -106,7 +110,7 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
             raise AdapterFormatError(
                 f"{name}: the bitmap marks {positions.numel()} entries, the config says the child has {size}."
             )
-        return positions
+        return positions.to(index_dtype(numel))
     if encoding == "int32":
         positions = encoded.long()
     else:
@@ -119,7 +123,12 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
             raise AdapterFormatError(f"{name}: positions out of range for a tensor of {numel} entries.")
         if size > 1 and not bool((positions[1:] > positions[:-1]).all()):
             raise AdapterFormatError(f"{name}: positions are not sorted and distinct (unsorted or duplicated).")
-    return positions
+    return positions.to(index_dtype(numel))
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The smallest integer dtype torch indexes with that holds every flat position of a tensor of `numel` entries."""
+    return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
 
 
 FINGERPRINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

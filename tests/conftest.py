@@ -227,7 +227,7 @@ def child_layers(model: torch.nn.Module) -> dict[str, ChildTuningLayer]:
 
 
 def positions_of(layer: ChildTuningLayer, adapter: str = "default", tensor_name: str = "weight") -> torch.Tensor:
-    """The decoded child positions (sorted flat int64) of one tuned tensor of a mode-"d" adapter.
+    """The decoded child positions (sorted flat int32) of one tuned tensor of a mode-"d" adapter.
 
     The layer stores them encoded (bitmap / int32 / gap16, see `peft_childtuning.sparse_format`); this decodes them.
     """

@@ -96,7 +96,7 @@ def test_fisher_picks_exactly_k(tiny_models, reserve_p):
         encoding = layer.childtuning_spec["default"].encodings["weight"]
         assert config.child_encodings[layer.tensor_key("weight")] == encoding
         assert encoding in ("bitmap", "int32", "gap16")
-        assert positions.dtype == torch.int64
+        assert positions.dtype == torch.int32  # decoded positions held for training: half the bytes of int64
         assert positions.dim() == 1 and values.dim() == 1
         assert positions.numel() == values.numel() == config.child_sizes[layer.tensor_key("weight")]
         assert values.dtype == torch.float32 and values.requires_grad
@@ -524,6 +524,28 @@ def test_single_layer_forward_and_grads_match_dense_linear():
     expected.backward(upstream)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(values.grad, dense.grad.reshape(-1)[positions], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_is_in_by_out", [False, True], ids=["linear", "conv1d"])
+def test_child_linear_function_gradients_including_a_trainable_base(weight_is_in_by_out):
+    """Every input's gradient (x, the base weight outside the child, the child values, the bias) against finite
+    differences, with int32 positions as the layers hold them."""
+    from peft_childtuning.layer import _ChildLinearFunction
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (4, 5) if weight_is_in_by_out else (5, 4)
+    x = torch.randn(3, 4, dtype=torch.double, generator=generator).requires_grad_(True)
+    weight = torch.randn(shape, dtype=torch.double, generator=generator).requires_grad_(True)
+    values = torch.randn(6, dtype=torch.double, generator=generator).requires_grad_(True)
+    bias = torch.randn(5, dtype=torch.double, generator=generator).requires_grad_(True)
+    positions = torch.tensor([0, 3, 7, 8, 12, 19], dtype=torch.int32)
+
+    def child_linear(x, weight, values, bias):
+        return _ChildLinearFunction.apply(x, weight, values, positions, bias, weight_is_in_by_out)
+
+    assert torch.autograd.gradcheck(child_linear, (x, weight, values, bias))
+    weight_grad = torch.autograd.grad(child_linear(x, weight, values, bias).sum(), weight)[0]
+    assert not weight_grad.reshape(-1)[positions].any(), "child entries are the values' to train, not the base's"
 
 
 # ------------------------------------------------------------------------------------------------ errors
