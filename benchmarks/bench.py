@@ -7,6 +7,11 @@ fine-tuning measured in the same run.
     python3 benchmarks/bench.py --models minilm,bert-base --steps 5 --rounds 2
     python3 benchmarks/bench.py --topk 1e6,1e8,1e9          # exact top-k selection vs concatenate + percentile
 
+Memory: "training RSS" is the process's peak RSS above what it held once the model was built, over the setup (the
+Fisher pass and selection of Child-Tuning-D, the released D's masks) and the training steps; "held between steps" is
+the RSS kept after a step (trainable tensors, optimizer state, caches). Each phase starts after freed memory is given
+back to the system (malloc_trim), the same for every method, so what one phase freed is not counted in the next.
+
 Writes benchmarks/results/<name>.json and .md (and a PNG plot when matplotlib is installed).
 """
 
@@ -41,6 +46,14 @@ def _rss_bytes(field: str) -> int:
 
 def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def _return_freed_memory() -> None:
+    """Give memory that is freed but kept by glibc's allocator back to the system, so that RSS measured afterwards is
+    what the process holds, whichever phase freed it (done at the same points for every method)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _build(model_name: str, save_dir: Path):
@@ -104,7 +117,9 @@ def run_worker(args: argparse.Namespace) -> dict:
     base = _build(args.model, work / "base")
     batch = _batch(base, args.batch_size, args.seq_len)
     result: dict = {"method": args.worker, "model": args.model}
+    _return_freed_memory()
     rss_after_build = _rss_bytes("VmRSS")
+    _reset_peak_rss()
     method = args.worker
     masks = None
     fisher_seconds_per_batch = None
@@ -134,6 +149,9 @@ def run_worker(args: argparse.Namespace) -> dict:
             fisher_seconds_per_batch = (time.perf_counter() - start) / args.fisher_batches
         parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, weight_decay=0.0)
+    # the setup (Fisher pass and selection of D, the released D's masks) belongs to training: its peak counts too
+    peak_setup = _rss_bytes("VmHWM") - rss_after_build
+    _return_freed_memory()
     _reset_peak_rss()
     step_times = []
     step = 0
@@ -153,7 +171,12 @@ def run_worker(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if step >= args.warmup:
             step_times.append(time.perf_counter() - start)
-    result["peak_training_rss_bytes"] = _rss_bytes("VmHWM") - rss_after_build
+    peak_steps = _rss_bytes("VmHWM") - rss_after_build
+    result["peak_setup_rss_bytes"] = peak_setup
+    result["peak_steps_rss_bytes"] = peak_steps
+    result["peak_training_rss_bytes"] = max(peak_setup, peak_steps)
+    _return_freed_memory()  # what stays between steps: trainable tensors, gradients freed, optimizer state, caches
+    result["held_between_steps_rss_bytes"] = _rss_bytes("VmRSS") - rss_after_build
     result["step_seconds"] = step_times
     result["median_step_seconds"] = statistics.median(step_times)
     result["trainable_entries"] = sum(parameter.numel() for parameter in parameters)
@@ -292,9 +315,10 @@ def _markdown(results: dict, settings: dict) -> str:
         lines += [
             f"### {model_name}",
             "",
-            "| method | median step s | vs vanilla | training RSS MiB | vs vanilla | trainable entries | grad+opt state MiB"
-            " | vs vanilla | adapter bytes | bytes/entry | load+ready vs base | inference vs base |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | median step s | vs vanilla | training RSS MiB | vs vanilla | held between steps MiB"
+            " | trainable entries | grad+opt state MiB | vs vanilla | adapter bytes | bytes/entry | load+ready vs base"
+            " | inference vs base |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method, run in runs.items():
             adapter = run.get("adapter_bytes")
@@ -307,6 +331,7 @@ def _markdown(results: dict, settings: dict) -> str:
                         _ratio(run["median_step_seconds"], vanilla.get("median_step_seconds")),
                         f"{run['peak_training_rss_bytes'] / 2**20:.0f}",
                         _ratio(run["peak_training_rss_bytes"], vanilla.get("peak_training_rss_bytes")),
+                        f"{run['held_between_steps_rss_bytes'] / 2**20:.0f}",
                         f"{run['trainable_entries']:,}",
                         f"{run['grad_plus_optimizer_state_bytes'] / 2**20:.1f}",
                         _ratio(run["grad_plus_optimizer_state_bytes"], vanilla.get("grad_plus_optimizer_state_bytes")),
@@ -402,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         merged = {}
         for method, runs in rounds.items():
             merged[method] = {**runs[-1], "median_step_seconds": statistics.median(s for run in runs for s in run["step_seconds"])}
-            merged[method]["peak_training_rss_bytes"] = statistics.median(run["peak_training_rss_bytes"] for run in runs)
+            for field in ("peak_training_rss_bytes", "held_between_steps_rss_bytes"):
+                merged[method][field] = statistics.median(run[field] for run in runs)
         results["models"][model_name] = merged
     for n in [value for value in args.topk.split(",") if value]:
         for worker in ("topk_ours", "topk_released"):

@@ -23,6 +23,8 @@ def test_benchmark_script_writes_results(tmp_path: Path) -> None:
     assert child["trainable_entries"] < vanilla["trainable_entries"]
     assert child["grad_plus_optimizer_state_bytes"] < vanilla["grad_plus_optimizer_state_bytes"]
     assert child["adapter_bytes"] > 0 and "fisher_seconds_per_batch" in child
+    # the training peak covers the Fisher pass as well as the steps
+    assert child["peak_training_rss_bytes"] == max(child["peak_setup_rss_bytes"], child["peak_steps_rss_bytes"])
     ours, released = results["topk"]
     assert ours["chosen"] == ours["k"] == round(0.3 * 1e5)  # exact; the percentile may be off by a tie
     assert abs(released["chosen"] - ours["k"]) <= 1
