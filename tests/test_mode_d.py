@@ -653,6 +653,20 @@ def test_select_top_k_many_ties_2d(data, shapes):
     assert [p.tolist() for p in select_top_k(scores, k)] == reference_top_k(scores, k)
 
 
+@pytest.mark.parametrize("crowded", [False, True], ids=["sparse-bucket", "crowded-bucket"])
+def test_select_top_k_ties_in_large_tensors(crowded):
+    """Ties counted from the kept boundary-bucket digits (spread-out scores) and by a pass over the scores (crowded
+    ones) choose the same entries as the brute force."""
+    generator = torch.Generator().manual_seed(0)
+    scores = [torch.rand(size, generator=generator) for size in (5000, 3000, 4000)]
+    tie = 0.75
+    for score in scores:  # the same value planted in every tensor, a few times or a crowd
+        count = 400 if crowded else 3
+        score[torch.randperm(score.numel(), generator=generator)[:count]] = tie
+    k = sum(int((score > tie).sum()) for score in scores) + (500 if crowded else 4)
+    assert [p.tolist() for p in select_top_k(scores, k)] == reference_top_k(scores, k)
+
+
 def test_select_top_k_rejects_bad_input():
     scores = [torch.tensor([0.0, 1.0, 2.0])]
     with pytest.raises(ValueError):
