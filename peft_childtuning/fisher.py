@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .sparse_format import flat_nonzero
+
 LossFunction = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 # bits of a non-negative float32, read as int32, order like the floats themselves; split into two 16-bit digits
@@ -187,11 +189,11 @@ class TopKThreshold:
     def positions(self, index: int, score: torch.Tensor) -> torch.Tensor:
         """The chosen flat positions (sorted, int64) of tensor `index`, whose scores are `score`."""
         bits = _ordered_bits(score)
-        chosen = torch.nonzero(bits > self.threshold_bits).squeeze(1)
+        chosen = flat_nonzero(bits > self.threshold_bits)
         if self.ties[index]:
-            ties = torch.nonzero(bits == self.threshold_bits).squeeze(1)[: self.ties[index]]
+            ties = flat_nonzero(bits == self.threshold_bits)[: self.ties[index]]
             chosen = torch.cat([chosen, ties]).sort().values
-        return chosen
+        return chosen.to(score.device)
 
 
 def top_k_threshold(scores: Sequence[torch.Tensor], k: int) -> TopKThreshold:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+import numpy as np
+
 import torch
 
 ENCODINGS = ("bitmap", "int32", "gap16")
@@ -25,7 +27,6 @@ _ENCODING_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.
 _GAP16_MAX = (1 << 16) - 1
 # entries of each tuned tensor hashed into the base fingerprint
 _FINGERPRINT_SAMPLES = 1024
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 class AdapterFormatError(ValueError):
@@ -75,10 +76,10 @@ def encoding_of(encoded: torch.Tensor) -> str:
 def encode_positions(positions: torch.Tensor, numel: int, encoding: str) -> torch.Tensor:
     """Encode sorted, distinct flat positions (any integer dtype) of a tensor of `numel` entries."""
     positions = positions.long()
-    if encoding == "bitmap":
-        bits = torch.zeros(((numel + 7) // 8) * 8, dtype=torch.uint8, device=positions.device)
-        bits[positions] = 1
-        return (bits.view(-1, 8) * _BIT_WEIGHTS.to(bits.device)).sum(1, dtype=torch.uint8)
+    if encoding == "bitmap":  # numpy packs bits several times faster than torch can
+        bits = np.zeros(numel, dtype=bool)
+        bits[positions.cpu().numpy()] = True
+        return torch.from_numpy(np.packbits(bits, bitorder="little")).to(positions.device)
     if encoding == "int32":
         return positions.to(torch.int32)
     if encoding == "gap16":
@@ -102,10 +103,10 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
             f"{encoded.dtype}[{', '.join(map(str, encoded.shape))}]; the file does not match its adapter_config.json."
         )
     if encoding == "bitmap":
-        bits = (encoded.unsqueeze(1) & _BIT_WEIGHTS.to(encoded.device)).ne(0).reshape(-1)
+        bits = torch.from_numpy(np.unpackbits(encoded.cpu().numpy(), bitorder="little")).view(torch.bool)
         if bits[numel:].any():
             raise AdapterFormatError(f"{name}: the bitmap marks positions beyond the tensor's {numel} entries.")
-        positions = torch.nonzero(bits[:numel]).squeeze(1)
+        positions = flat_nonzero(bits[:numel]).to(encoded.device)
         if positions.numel() != size:
             raise AdapterFormatError(
                 f"{name}: the bitmap marks {positions.numel()} entries, the config says the child has {size}."
@@ -124,6 +125,12 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
         if size > 1 and not bool((positions[1:] > positions[:-1]).all()):
             raise AdapterFormatError(f"{name}: positions are not sorted and distinct (unsorted or duplicated).")
     return positions.to(index_dtype(numel))
+
+
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """The flat positions (int64, on CPU) of a bool tensor's True entries: numpy's flatnonzero, several times faster
+    than torch.nonzero on CPU, which this is for (selecting and decoding child networks)."""
+    return torch.from_numpy(np.flatnonzero(mask.detach().cpu().numpy()))
 
 
 def index_dtype(numel: int) -> torch.dtype:
