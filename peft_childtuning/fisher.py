@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .sparse_format import flat_nonzero
+from .sparse_format import all_finite, flat_nonzero
 
 LossFunction = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -141,7 +141,7 @@ def estimate_fisher(
         raise ValueError("detect_child_network: the dataloader yielded no batch; the Fisher pass needs task data.")
     for name, scores in fisher.items():
         scores.div_(batches_seen)
-        if not torch.isfinite(scores).all():
+        if not all_finite(scores):
             raise FloatingPointError(
                 f"detect_child_network: non-finite Fisher scores in {name} (the loss or its gradient overflowed); "
                 "check the data and the loss, or run the pass in float32."

@@ -29,7 +29,14 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import ChildTuningConfig
 from .fisher import random_child_positions
-from .sparse_format import AdapterFormatError, choose_encoding, decode_positions, encode_positions, placeholder
+from .sparse_format import (
+    AdapterFormatError,
+    all_finite,
+    choose_encoding,
+    decode_positions,
+    encode_positions,
+    placeholder,
+)
 from .gradient_mask import BernoulliGradientMask, MaskStepCounter
 
 # tuned tensor name -> (values container, positions container)
@@ -252,7 +259,7 @@ class ChildTuningLayer(BaseTunerLayer):
         if cached is None or cached[0] != identity:
             base_tensor = getattr(self.get_base_layer(), tensor_name)
             values = self.child_values(adapter_name, tensor_name)
-            if not values.is_meta and not bool(torch.isfinite(values.detach()).all()):
+            if not values.is_meta and not all_finite(values):
                 raise AdapterFormatError(
                     f"{self.tensor_key(tensor_name)}: the child values of adapter '{adapter_name}' are NaN or inf "
                     "(not loaded, or a corrupted adapter file)."
@@ -338,10 +345,10 @@ class ChildTuningLayer(BaseTunerLayer):
             if adapter_name not in self.childtuning_spec:
                 continue
             broken = ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
-            if safe_merge and not all(torch.isfinite(values).all() for values in self._adapter_parameters(adapter_name)):
+            if safe_merge and not all(all_finite(values) for values in self._adapter_parameters(adapter_name)):
                 raise broken
             updates = {name: self._merged_values(adapter_name, name) for name in self.tuned_tensor_names(adapter_name)}
-            if safe_merge and not all(torch.isfinite(values).all() for _, values in updates.values()):
+            if safe_merge and not all(all_finite(values) for _, values in updates.values()):
                 raise broken  # finite values can still overflow the base dtype
             for tensor_name, (index, new_values) in updates.items():
                 flat = getattr(self.get_base_layer(), tensor_name).data.view(-1)
@@ -415,7 +422,7 @@ def validate_child_tensors(
             f"{key}: the file has {tuple(values.shape)} child values, the config and model expect "
             f"{tuple(expected.shape)}; the adapter does not match this model or its adapter_config.json."
         )
-    if not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         raise AdapterFormatError(f"{key}: the child values contain NaN or inf.")
     if encoded_positions is not None:
         spec = layer.childtuning_spec[adapter_name]

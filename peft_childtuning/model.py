@@ -16,7 +16,14 @@ from .constants import TRANSFORMERS_MODELS_TO_CHILDTUNING_TARGET_MODULES_MAPPING
 from .fisher import LossFunction, child_size, estimate_fisher, proportional_child_sizes, top_k_threshold
 from .gradient_mask import MaskStepCounter
 from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer, ChildTuningModule, validate_child_tensors
-from .sparse_format import AdapterFormatError, base_fingerprint, decode_positions, encoding_of, fingerprint_matches
+from .sparse_format import (
+    AdapterFormatError,
+    all_finite,
+    base_fingerprint,
+    decode_positions,
+    encoding_of,
+    fingerprint_matches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +287,7 @@ class ChildTuningModel(BaseTuner):
         model_tensors = model.state_dict(keep_vars=True)
         adopt_child_network = config.needs_fisher_pass
         for key, tensor in checkpoint.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 raise AdapterFormatError(f"{key}: the adapter file holds NaN or inf values.")
             expected = model_tensors.get(key, model_tensors.get(key.removeprefix("base_model.model.")))
             is_child_tensor = any(attr in key for pair in TUNED_TENSOR_CONTAINERS.values() for attr in pair)

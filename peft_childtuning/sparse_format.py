@@ -127,6 +127,15 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
     return positions.to(index_dtype(numel))
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no entry is NaN or infinite: the extremes carry any NaN or inf, and finding them is an order of
+    magnitude faster than a bool tensor from isfinite (this runs over every loaded child value)."""
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    smallest, largest = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(smallest)) and bool(torch.isfinite(largest))
+
+
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     """The flat positions (int64, on CPU) of a bool tensor's True entries: numpy's flatnonzero, several times faster
     than torch.nonzero on CPU, which this is for (selecting and decoding child networks)."""
