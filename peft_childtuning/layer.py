@@ -60,11 +60,22 @@ class AdapterSpec:
     encodings: dict[str, str] = field(default_factory=dict)  # tuned tensor name -> position encoding (mode "d")
 
 
+# index_select / index_copy rather than advanced indexing: several times faster on CPU for millions of entries
+def gather_child(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The entries of `tensor` at the flat `positions`, as a 1-D tensor."""
+    return tensor.reshape(-1).index_select(0, positions.to(tensor.device))
+
+
 def scatter_child(base: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """A new tensor equal to `base` with `values` (cast to its dtype) at the flat `positions`: differentiable in the
     values."""
-    flat = base.reshape(-1).index_put((positions,), values.to(base.dtype))
+    flat = base.reshape(-1).index_copy(0, positions.to(base.device, torch.int64), values.to(base.dtype))
     return flat.view_as(base)
+
+
+def write_child(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """Write `values` into the flat tensor `flat` at `positions`, in place."""
+    flat.index_copy_(0, positions.to(flat.device, torch.int64), values.to(flat.device, flat.dtype))
 
 
 class _ChildLinearFunction(torch.autograd.Function):
@@ -105,9 +116,9 @@ class _ChildLinearFunction(torch.autograd.Function):
             x_rows = x.reshape(-1, x.shape[-1]).to(grad_output.dtype)
             dense = x_rows.t() @ grad_rows if ctx.weight_is_in_by_out else grad_rows.t() @ x_rows
             if ctx.needs_input_grad[2]:
-                grad_values = dense.reshape(-1)[positions].to(values.dtype)
+                grad_values = gather_child(dense, positions).to(values.dtype)
             if ctx.needs_input_grad[1]:
-                grad_weight = dense.reshape(-1).index_put((positions,), dense.new_zeros(())).view_as(weight).to(weight.dtype)
+                grad_weight = dense.reshape(-1).index_fill(0, positions.long(), 0).view_as(weight).to(weight.dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_rows.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_values, None, grad_bias, None
@@ -181,7 +192,7 @@ class ChildTuningLayer(BaseTunerLayer):
                     positions = random_child_positions(tensor.numel(), size, config.seed, key)
                     encodings[tensor_name] = choose_encoding(positions, tensor.numel())
                     encoded = encode_positions(positions, tensor.numel(), encodings[tensor_name])
-                    values = tensor.detach().reshape(-1)[positions.to(tensor.device)]
+                    values = gather_child(tensor.detach(), positions)
                 else:  # placeholders, filled by detect_child_network or by the adapter being loaded
                     encodings[tensor_name] = (config.child_encodings or {}).get(key, "int32")
                     encoded = placeholder(tensor.numel(), size, encodings[tensor_name])
@@ -213,7 +224,7 @@ class ChildTuningLayer(BaseTunerLayer):
         encoded = encode_positions(positions, base_tensor.numel(), encoding)
         getattr(self, positions_attr)[adapter_name] = encoded.to(base_tensor.device)
         parameter = getattr(self, values_attr)[adapter_name]
-        parameter.data = base_tensor.detach().reshape(-1)[positions.to(base_tensor.device)].to(parameter.dtype)
+        parameter.data = gather_child(base_tensor.detach(), positions).to(parameter.dtype)
         parameter.grad = None
         spec = self.childtuning_spec[adapter_name]
         encodings = {**spec.encodings, tensor_name: encoding}
@@ -305,7 +316,7 @@ class ChildTuningLayer(BaseTunerLayer):
             if positions is None:
                 composed = composed + (values - base_tensor.detach().float().reshape(-1))
             else:
-                composed = composed.index_add(0, positions, values - base_tensor.detach().reshape(-1)[positions].float())
+                composed = composed.index_add(0, positions, values - gather_child(base_tensor.detach(), positions).float())
         return composed.to(base_tensor.dtype).view_as(base_tensor)
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
@@ -332,8 +343,8 @@ class ChildTuningLayer(BaseTunerLayer):
         new_values = values.reshape(-1).to(base_tensor.dtype)
         if any((name, tensor_name) in self._merge_originals for name in self.merged_adapters):
             full_index = index if index is not None else torch.arange(base_tensor.numel(), device=values.device)
-            current = base_tensor.detach().reshape(-1)[full_index].float()
-            true_base = self.unmerged_base_tensor(tensor_name).reshape(-1)[full_index]
+            current = gather_child(base_tensor.detach(), full_index).float()
+            true_base = gather_child(self.unmerged_base_tensor(tensor_name), full_index)
             change = values.reshape(-1).float() - true_base.float()
             new_values = (current + change).to(base_tensor.dtype)
         return index, new_values
@@ -352,12 +363,12 @@ class ChildTuningLayer(BaseTunerLayer):
                 raise broken  # finite values can still overflow the base dtype
             for tensor_name, (index, new_values) in updates.items():
                 flat = getattr(self.get_base_layer(), tensor_name).data.view(-1)
-                originals = flat.clone() if index is None else flat[index]
+                originals = flat.clone() if index is None else gather_child(flat, index)
                 self._merge_originals[(adapter_name, tensor_name)] = (index, originals)
                 if index is None:
                     flat.copy_(new_values)
                 else:
-                    flat[index] = new_values
+                    write_child(flat, index, new_values)
             self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
@@ -373,7 +384,7 @@ class ChildTuningLayer(BaseTunerLayer):
                 if index is None:
                     flat.copy_(originals.to(flat.device))
                 else:
-                    flat[index.to(flat.device)] = originals.to(flat.device)
+                    write_child(flat, index, originals)
 
     def _adapter_parameters(self, adapter_name: str) -> list[torch.Tensor]:
         return [self.child_values(adapter_name, name) for name in self.tuned_tensor_names(adapter_name)]
@@ -388,7 +399,7 @@ class ChildTuningLayer(BaseTunerLayer):
                 if index is None:
                     flat.copy_(originals.reshape(-1))
                 else:
-                    flat[index] = originals
+                    write_child(flat, index, originals)
         return flat.view_as(getattr(self.get_base_layer(), tensor_name))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -400,7 +411,7 @@ class ChildTuningLayer(BaseTunerLayer):
         if index is None:
             delta = new_values - base_flat
         else:
-            delta[index] = new_values - base_flat[index]
+            write_child(delta, index, new_values - gather_child(base_flat, index))
         return delta.view_as(weight)
 
 
