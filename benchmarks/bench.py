@@ -216,35 +216,30 @@ def _adapter_costs(model, work: Path, batch, args: argparse.Namespace) -> dict:
     def load_base():
         return AutoModelForSequenceClassification.from_pretrained(work / "base").eval()
 
-    def latency(module) -> float:
-        times = []
+    def forward_seconds(module) -> float:
         with torch.inference_mode():
-            for _ in range(args.inference_repeats):
-                start = time.perf_counter()
-                module(**inputs)
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    def first_forward(module) -> None:
-        with torch.inference_mode():
+            start = time.perf_counter()
             module(**inputs)
+            return time.perf_counter() - start
 
     load_base()  # warm the page cache so both loads read from memory
-    base_times, adapter_times, base_latency, adapter_latency = [], [], [], []
+    base_times, adapter_times = [], []
     for _ in range(args.load_repeats):  # interleaved: base alone, then base + adapter
+        bare = loaded = None  # the previous pair is freed before the next loads
         # "ready" includes the first forward: safetensors maps the weights lazily, so a load alone reads almost none
         start = time.perf_counter()
         bare = load_base()
-        first_forward(bare)
+        forward_seconds(bare)
         base_times.append(time.perf_counter() - start)
-        base_latency.append(latency(bare))
-        del bare
         start = time.perf_counter()
         loaded = PeftModel.from_pretrained(load_base(), adapter_dir)
-        first_forward(loaded)
+        forward_seconds(loaded)
         adapter_times.append(time.perf_counter() - start)
-        adapter_latency.append(latency(loaded))
-        del loaded
+    # inference: the last base and base + adapter pair, forwards alternating so the machine's noise hits both alike
+    base_latency, adapter_latency = [], []
+    for _ in range(args.inference_repeats):
+        base_latency.append(forward_seconds(bare))
+        adapter_latency.append(forward_seconds(loaded))
     return {
         "adapter_bytes": adapter_bytes,
         "load_seconds_base": statistics.median(base_times),
