@@ -655,8 +655,8 @@ def test_select_top_k_many_ties_2d(data, shapes):
 
 @pytest.mark.parametrize("crowded", [False, True], ids=["sparse-bucket", "crowded-bucket"])
 def test_select_top_k_ties_in_large_tensors(crowded):
-    """Ties counted from the kept boundary-bucket digits (spread-out scores) and by a pass over the scores (crowded
-    ones) choose the same entries as the brute force."""
+    """Ties at the threshold spread over large tensors, a few or a crowd of them, choose the same entries as the
+    brute force."""
     generator = torch.Generator().manual_seed(0)
     scores = [torch.rand(size, generator=generator) for size in (5000, 3000, 4000)]
     tie = 0.75
