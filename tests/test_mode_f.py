@@ -96,12 +96,22 @@ def test_mask_function_is_a_pure_function_of_seed_step_key():
     a = bernoulli_keep_mask(shape, P, 1, 5, key, torch.device("cpu"))
     b = bernoulli_keep_mask(shape, P, 1, 5, key, torch.device("cpu"))
     assert torch.equal(a, b)
-    assert set(a.unique().tolist()) <= {0.0, 1.0}
+    assert a.dtype == torch.bool and a.shape == shape
     assert not torch.equal(a, bernoulli_keep_mask(shape, P, 2, 5, key, torch.device("cpu")))
     assert not torch.equal(a, bernoulli_keep_mask(shape, P, 1, 6, key, torch.device("cpu")))
     assert not torch.equal(a, bernoulli_keep_mask(shape, P, 1, 5, key.replace("query", "key"), torch.device("cpu")))
     assert mask_seed(1, 5, key) == mask_seed(1, 5, key) != mask_seed(1, 6, key)
-    assert abs(float(a.mean()) - P) < 0.05
+    assert abs(float(a.float().mean()) - P) < 0.05
+
+
+@pytest.mark.parametrize("reserve_p", [0.1, 0.3, 0.5, 0.9])
+def test_mask_keeps_each_entry_with_probability_p(reserve_p):
+    """Four entries share one 64-bit draw: every lane (position mod 4) must keep at rate p, not only their mean."""
+    keep = bernoulli_keep_mask(torch.Size([1 << 20]), reserve_p, 3, 0, "t", torch.device("cpu"))
+    tolerance = 5 * (reserve_p * (1 - reserve_p) / (1 << 18)) ** 0.5  # 5 standard errors of a lane's rate
+    for lane in range(4):
+        assert abs(float(keep[lane::4].float().mean()) - reserve_p) < tolerance, lane
+    assert bool(bernoulli_keep_mask(torch.Size([1000]), 1.0, 3, 0, "t", torch.device("cpu")).all())
 
 
 def test_masks_differ_between_steps():
