@@ -106,12 +106,12 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
         bits = torch.from_numpy(np.unpackbits(encoded.cpu().numpy(), bitorder="little")).view(torch.bool)
         if bits[numel:].any():
             raise AdapterFormatError(f"{name}: the bitmap marks positions beyond the tensor's {numel} entries.")
-        positions = flat_nonzero(bits[:numel]).to(encoded.device)
+        positions = flat_nonzero(bits[:numel])
         if positions.numel() != size:
             raise AdapterFormatError(
                 f"{name}: the bitmap marks {positions.numel()} entries, the config says the child has {size}."
             )
-        return positions.to(index_dtype(numel))
+        return positions.to(encoded.device, index_dtype(numel))
     if encoding == "int32":
         positions = encoded.long()
     else:
