@@ -115,6 +115,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="ctbench_"))
     base = _build(args.model, work / "base")
+    if args.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = _batch(base, args.batch_size, args.seq_len)
     result: dict = {"method": args.worker, "model": args.model}
     _return_freed_memory()
@@ -290,9 +292,9 @@ def run_topk_worker(args: argparse.Namespace) -> dict:
 def _spawn(args: argparse.Namespace, worker: str, **overrides) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker]
     for key, value in {**vars(args), **overrides}.items():
-        if key in ("worker", "models", "topk", "out", "name", "methods") or value is None:
+        if key in ("worker", "models", "topk", "out", "name", "methods") or value is None or value is False:
             continue
-        command += [f"--{key.replace('_', '-')}", str(value)]
+        command += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"worker {worker} failed:\n{completed.stderr[-4000:]}")
@@ -391,9 +393,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--reserve-p", type=float, default=0.3)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    # the first steps are slower while the allocator settles (up to 1.5x for F on BERT-base): not timed
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--fisher-batches", type=int, default=2)
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in the backward (all methods)"
+    )
     parser.add_argument("--load-repeats", type=int, default=3)
     parser.add_argument("--inference-repeats", type=int, default=5)
     parser.add_argument("--topk", default="", help="comma-separated N for the top-k benchmark, e.g. 1e6,1e9")

@@ -10,8 +10,9 @@ Per adapter and tuned tensor (``weight``, optionally ``bias``) the layer holds
 
 The base tensors are never written while unmerged. The forward composes ``W`` with the child values; for Linear and
 GPT-2's Conv1D a custom autograd function does it one layer at a time without keeping the composed copy alive from
-forward to backward. Merging writes the child values into ``W`` and keeps the overwritten originals, so unmerging
-restores them exactly (no subtraction, no drift in any dtype).
+forward to backward. Merging writes the child values into ``W`` (on CPU into a fresh copy of it that takes its place;
+the Parameter stays the same object) and keeps the overwritten originals, so unmerging restores them exactly (no
+subtraction, no drift in any dtype).
 """
 
 from __future__ import annotations
@@ -362,7 +363,14 @@ class ChildTuningLayer(BaseTunerLayer):
             if safe_merge and not all(all_finite(values) for _, values in updates.values()):
                 raise broken  # finite values can still overflow the base dtype
             for tensor_name, (index, new_values) in updates.items():
-                flat = getattr(self.get_base_layer(), tensor_name).data.view(-1)
+                tensor = getattr(self.get_base_layer(), tensor_name)
+                if tensor.device.type == "cpu":
+                    # written in a copy of its own, as peft's safe_merge does. A freshly loaded base is
+                    # memory-mapped: writing into it costs a copy-on-write fault per 4 KiB page, slowed further by
+                    # threads faulting at once (loading an adapter onto BERT-base: 0.41 s with the copy, 1.1 s in
+                    # place, measured). The file's pages stay in the page cache either way.
+                    tensor.data = tensor.data.clone()
+                flat = tensor.data.view(-1)
                 originals = flat.clone() if index is None else gather_child(flat, index)
                 self._merge_originals[(adapter_name, tensor_name)] = (index, originals)
                 if index is None:

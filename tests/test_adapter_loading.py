@@ -289,7 +289,9 @@ def test_several_adapters_switch_disable_delete(bert):
     model = PeftModel.from_pretrained(load_bert(bert["base"]), bert["A"], adapter_name="a")
     model.load_adapter(bert["B"], adapter_name="b")
     layers = list(child_layers(model).values())
-    storage = {id(layer): layer.get_base_layer().weight.data_ptr() for layer in layers}
+    # merging may give a weight new storage (as peft's safe_merge does), never a new Parameter: optimizers and tied
+    # modules hold the Parameter
+    parameters = {id(layer): layer.get_base_layer().weight for layer in layers}
 
     def check_active(adapter: str, expected_out: torch.Tensor) -> None:
         """`adapter` alone in effect, merged or not; only its child entries differ from the base."""
@@ -298,7 +300,7 @@ def test_several_adapters_switch_disable_delete(bert):
             key = layer.tensor_key("weight")
             weight = layer.get_base_layer().weight.detach()
             assert layer.active_adapters == [adapter] and other not in layer.merged_adapters, key
-            assert weight.data_ptr() == storage[id(layer)], f"{key}: the weight was reallocated"
+            assert layer.get_base_layer().weight is parameters[id(layer)], f"{key}: the Parameter was replaced"
             if layer.merged:
                 assert layer.merged_adapters == [adapter], key
                 assert torch.equal(weight, child_weight(base_params[key], layer, adapter)), key

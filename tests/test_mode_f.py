@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from peft_childtuning.gradient_mask import bernoulli_keep_mask, mask_seed
+from peft_childtuning.gradient_mask import bernoulli_keep_mask, mask_seed, masked_gradient
 
 from conftest import ARCHS, base_weights, child_layers, composed_weights, peft_model, train_steps, trainable_parameters
 
@@ -236,3 +236,15 @@ def test_reserve_p_one_is_plain_fine_tuning():
     params = dict(reference.named_parameters())
     for key, weight in composed_weights(model).items():
         torch.testing.assert_close(weight, params[key].detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["grad", "double_backward"])
+def test_masked_gradient_is_grad_times_mask_over_p(dtype, requires_grad):
+    """The numpy fast path (CPU floats numpy knows) and torch's path (bf16, a gradient in a graph) agree exactly."""
+    grad = torch.randn(33, 17, dtype=dtype).requires_grad_(requires_grad)
+    masked = masked_gradient(grad, P, 4, 2, "k")
+    keep = bernoulli_keep_mask(grad.shape, P, 4, 2, "k", grad.device)
+    assert masked.dtype == dtype and masked.requires_grad == requires_grad
+    assert torch.equal(masked.detach(), grad.detach().mul(keep).div_(P))
+    assert 0 < int(keep.sum()) < keep.numel()
