@@ -110,10 +110,15 @@ def _released_masks(model, mode: str, reserve_p: float, fisher_batch):
 
 
 def run_worker(args: argparse.Namespace) -> dict:
+    """One method's figures; the saved base and adapter (GBs for BERT-large) are removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="ctbench_") as work:
+        return _measure(args, Path(work))
+
+
+def _measure(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="ctbench_"))
     base = _build(args.model, work / "base")
     if args.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
