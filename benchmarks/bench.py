@@ -385,6 +385,11 @@ def _plot(results: dict, path: Path) -> bool:
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_title(title)
     axes[0][0].legend()
+    settings = results.get("settings", {})
+    figure.suptitle(
+        f"{settings.get('batch_size')} x {settings.get('seq_len')} tokens, reserve_p {settings.get('reserve_p')}"
+        + (", gradient checkpointing" if settings.get("gradient_checkpointing") else "")
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return True
