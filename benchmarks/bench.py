@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--reserve-p", type=float, default=0.3)
     parser.add_argument("--steps", type=int, default=3)
-    # the first steps are slower while the allocator settles (up to 1.5x for F on BERT-base): not timed
+    # the first steps are slower while the allocator settles (up to 1.8x for F on BERT-base): not timed
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--fisher-batches", type=int, default=2)
