@@ -6,11 +6,14 @@ from .config import ChildTuningConfig
 from .layer import ChildTuningLayer, ChildTuningModule
 from .model import ChildTuningModel
 from .hub import enable_peft_push_to_hub, push_to_hub
+from .loading import install as _install_loaders
 from .registration import CHILDTUNING_PEFT_TYPE
+from .sparse_format import AdapterFormatError
 from .trainer import ChildTuningCallback, prepare_child_network
 
 __version__ = "0.1.0"
 __all__ = [
+    "AdapterFormatError",
     "CHILDTUNING_PEFT_TYPE",
     "ChildTuningCallback",
     "ChildTuningConfig",
@@ -25,3 +28,6 @@ register_peft_method(name="childtuning", config_cls=ChildTuningConfig, model_cls
 # PeftModel.push_to_hub would upload transformers' template card over ours: for Child-Tuning adapters (only) it
 # uploads the adapter with our model card in one commit instead
 enable_peft_push_to_hub()
+# every loader of a saved adapter (peft's, transformers') goes through one transaction: checked, then loaded and
+# merged, or the model left exactly as it was (see `loading`)
+_install_loaders()

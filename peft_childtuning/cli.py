@@ -276,11 +276,14 @@ def _format_report(report: dict[str, Any]) -> str:
         f"  base model:             {report['base_model_name_or_path']}",
     ]
     fingerprint = report["base_fingerprint"]
-    if fingerprint:
-        lines.append(f"  base fingerprint:       tuned in {fingerprint.get('tuned_dtype', '?')}")
-        for name, digest in fingerprint.items():
-            if name != "tuned_dtype":
-                lines.append(f"    {name:<21} {digest}")
+    if isinstance(fingerprint, dict) and fingerprint.get("version") == 2:
+        architecture = fingerprint.get("architecture") or {}
+        lines.append(
+            f"  base fingerprint:       {architecture.get('model_class', '?')}, {fingerprint.get('count', '?')} "
+            f"tensors ({fingerprint.get('tensors', '?')})"
+        )
+    elif isinstance(fingerprint, dict):
+        lines.append(f"  base fingerprint:       tuned in {fingerprint.get('tuned_dtype', '?')} (before version 2)")
     else:
         lines.append("  base fingerprint:       none recorded")
     if not report["child_network_chosen"]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
@@ -46,9 +46,12 @@ class ChildTuningConfig(PeftConfig):
         child_sizes, child_encodings: filled in by child selection: the number of child entries of each tuned
             tensor and the encoding of its positions, keyed by ``"<module name>.<weight|bias>"``. A saved adapter
             needs them so that every loader can build layers of the right shapes before the tensors arrive.
-        base_fingerprint: filled in when the adapter is created: hashes of the base weights it is tuned from, checked
-            when it is loaded.
-        ignore_base_mismatch: load the adapter even onto a base whose fingerprint differs (at your own risk).
+        base_fingerprint: filled in when the adapter is created: what identifies the base model it is tuned from
+            (`fingerprint`), checked whenever its child network is loaded.
+        ignore_base_mismatch: load the adapter even onto a base whose fingerprint differs (at your own risk). Only
+            a value given when loading counts (``ChildTuningConfig.from_pretrained(path, ignore_base_mismatch=True)``
+            or ``PeftModel.from_pretrained(..., ignore_base_mismatch=True)``): one saved in adapter_config.json is
+            ignored, so that editing a file cannot switch the check off.
     """
 
     mode: Literal["d", "f"] = field(default="d", metadata={"help": "'d' (Fisher child network) or 'f' (random mask)."})
@@ -76,8 +79,8 @@ class ChildTuningConfig(PeftConfig):
     child_encodings: Optional[dict[str, str]] = field(
         default=None, metadata={"help": "Set by child selection: position encoding per tuned tensor. Leave unset."}
     )
-    base_fingerprint: Optional[dict[str, str]] = field(
-        default=None, metadata={"help": "Set at creation: hashes of the base weights tuned. Leave unset."}
+    base_fingerprint: Optional[dict[str, Any]] = field(
+        default=None, metadata={"help": "Set at creation: what identifies the base model tuned. Leave unset."}
     )
     ignore_base_mismatch: bool = field(
         default=False, metadata={"help": "Load even onto a base whose fingerprint differs from the recorded one."}
@@ -116,3 +119,14 @@ class ChildTuningConfig(PeftConfig):
     def needs_fisher_pass(self) -> bool:
         """True until a Fisher-selected mode-"d" adapter has its child network."""
         return self.mode == "d" and self.selection == "fisher" and self.child_sizes is None
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any
+    ) -> "ChildTuningConfig":
+        """peft's from_pretrained, except that `ignore_base_mismatch` comes from the caller, never from the file
+        (peft lets the file's values override keyword arguments)."""
+        ignore_base_mismatch = bool(kwargs.pop("ignore_base_mismatch", False))
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config.ignore_base_mismatch = ignore_base_mismatch
+        return config

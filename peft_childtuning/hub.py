@@ -43,7 +43,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from peft import PeftModel
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from .config import ChildTuningConfig
 from .model import tuned_tensors
@@ -538,18 +538,9 @@ def download_adapter(
     if snapshot.parent.name == "snapshots" and _COMMIT_HASH.match(snapshot.name):
         commit = snapshot.name
     pinned = commit or revision
-    try:
+    try:  # safetensors only: never a pickled adapter_model.bin, which can run code when it is loaded
         hf_hub_download(repo_id, SAFETENSORS_WEIGHTS_NAME, revision=pinned, **kwargs)
-    except EntryNotFoundError as error:
-        if isinstance(error, LocalEntryNotFoundError):
-            raise _download_error(error, repo_id, revision, SAFETENSORS_WEIGHTS_NAME, endpoint) from error
-        try:  # an adapter saved with safe_serialization=False
-            hf_hub_download(repo_id, WEIGHTS_NAME, revision=pinned, **kwargs)
-        except EntryNotFoundError:
-            raise _download_error(error, repo_id, revision, SAFETENSORS_WEIGHTS_NAME, endpoint) from error
-        except HfHubHTTPError as other:
-            raise _download_error(other, repo_id, revision, WEIGHTS_NAME, endpoint) from other
-    except HfHubHTTPError as error:
+    except (HfHubHTTPError, EntryNotFoundError) as error:
         raise _download_error(error, repo_id, revision, SAFETENSORS_WEIGHTS_NAME, endpoint) from error
     return str(Path(config_path).parent)
 

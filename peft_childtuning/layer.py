@@ -39,6 +39,7 @@ from .sparse_format import (
     placeholder,
 )
 from .gradient_mask import BernoulliGradientMask, MaskStepCounter
+from .resizing import resize_in_place
 
 # tuned tensor name -> (values container, positions container)
 TUNED_TENSOR_CONTAINERS = {
@@ -59,6 +60,8 @@ class AdapterSpec:
     awaits_fisher_pass: bool
     inference_mode: bool
     encodings: dict[str, str] = field(default_factory=dict)  # tuned tensor name -> position encoding (mode "d")
+    # the tensors the config targets: the tuned ones, and those whose child network came out empty (not tuned)
+    targeted: tuple[str, ...] = ()
 
 
 # index_select / index_copy rather than advanced indexing: several times faster on CPU for millions of entries
@@ -148,10 +151,6 @@ class ChildTuningLayer(BaseTunerLayer):
         self._merge_originals: dict[tuple[str, str], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
         self.module_key = module_key
         self.step_counter = step_counter
-        # an adapter loaded for inference is merged as soon as its tensors arrive (peft has no merge-on-load), and
-        # the state dict always shows the base tensors as they are unmerged: the adapter is saved apart from them
-        self.register_load_state_dict_post_hook(_merge_adapters_loaded_for_inference)
-        self.register_state_dict_post_hook(_report_unmerged_base_tensors)
         base = self.get_base_layer()
         if isinstance(base, Conv1D):
             self.in_features, self.out_features = base.weight.shape
@@ -165,6 +164,11 @@ class ChildTuningLayer(BaseTunerLayer):
             for name, (values_attr, _) in TUNED_TENSOR_CONTAINERS.items()
             if adapter_name in getattr(self, values_attr)
         ]
+
+    def targeted_tensor_names(self, adapter_name: str) -> list[str]:
+        """The tensors the adapter's config targets here, tuned or not (a mode-"d" child network may leave a tensor
+        empty; such a tensor has no values Parameter and no positions)."""
+        return list(self.childtuning_spec[adapter_name].targeted)
 
     def child_values(self, adapter_name: str, tensor_name: str) -> nn.Parameter:
         """The adapter's trainable values for one tuned tensor (the child entries, or the whole tensor in mode f)."""
@@ -189,6 +193,10 @@ class ChildTuningLayer(BaseTunerLayer):
             else:
                 key = self.tensor_key(tensor_name)
                 size = (config.child_sizes or {}).get(key, 0)
+                if config.child_sizes is not None and size == 0:
+                    # an empty child network (absent from child_sizes, or 0 as earlier versions saved it): not tuned
+                    self.untune(adapter_name, tensor_name)
+                    continue
                 if config.selection == "random":  # drawn from the seed: the same child network every time
                     positions = random_child_positions(tensor.numel(), size, config.seed, key)
                     encodings[tensor_name] = choose_encoding(positions, tensor.numel())
@@ -204,7 +212,13 @@ class ChildTuningLayer(BaseTunerLayer):
                 values = values.float() + _TEST_INIT_NOISE * torch.randn(values.shape, device=values.device)
             getattr(self, values_attr)[adapter_name] = nn.Parameter(values, requires_grad=True)
         self.childtuning_spec[adapter_name] = AdapterSpec(
-            config.mode, config.reserve_p, config.seed, config.needs_fisher_pass, config.inference_mode, encodings
+            config.mode,
+            config.reserve_p,
+            config.seed,
+            config.needs_fisher_pass,
+            config.inference_mode,
+            encodings,
+            targeted=tuple(names),
         )
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -214,8 +228,10 @@ class ChildTuningLayer(BaseTunerLayer):
     ) -> str:
         """Make `positions` (sorted flat positions) the child network of one tensor; values restart from the base.
 
-        The values Parameter is resized in place, so an optimizer created earlier still holds it. Returns the
-        encoding of the positions (the smallest one unless `encoding` is given).
+        The values Parameter is resized in place (`resizing.resize_in_place`), so an optimizer created earlier still
+        holds it and has its state rebuilt for the new size. Empty `positions` leave an empty child, which
+        `model.record_child_network` then stops tuning. Returns the encoding of the positions (the smallest one
+        unless `encoding` is given).
         """
         if self.merged:
             raise RuntimeError("Unmerge the adapter before choosing its child network.")
@@ -225,8 +241,7 @@ class ChildTuningLayer(BaseTunerLayer):
         encoded = encode_positions(positions, base_tensor.numel(), encoding)
         getattr(self, positions_attr)[adapter_name] = encoded.to(base_tensor.device)
         parameter = getattr(self, values_attr)[adapter_name]
-        parameter.data = gather_child(base_tensor.detach(), positions).to(parameter.dtype)
-        parameter.grad = None
+        resize_in_place(parameter, gather_child(base_tensor.detach(), positions).to(parameter.dtype))
         spec = self.childtuning_spec[adapter_name]
         encodings = {**spec.encodings, tensor_name: encoding}
         self.childtuning_spec[adapter_name] = replace(spec, awaits_fisher_pass=False, encodings=encodings)
@@ -243,6 +258,17 @@ class ChildTuningLayer(BaseTunerLayer):
                     "model.detect_child_network(train_dataloader) before training (or use "
                     "ChildTuningConfig(selection='random') for a random child network, or add ChildTuningCallback "
                     "to the Trainer)."
+                )
+
+    def _check_not_training_merged(self) -> None:
+        """Merged weights hold copies of the values: a training step would change values the forward never reads."""
+        if torch.is_grad_enabled() and self.training:
+            trainable = [name for name in self.merged_adapters if any(p.requires_grad for p in self._adapter_parameters(name))]
+            if trainable:
+                raise RuntimeError(
+                    f"Child-Tuning adapter(s) {trainable} are merged into {self.module_key} and trainable: a training "
+                    "step would change their values but not what the model computes. Call model.unmerge_adapter() "
+                    "before training (or model.eval() / torch.no_grad() for inference)."
                 )
 
     def _trainable_values(self, adapter_name: str, tensor_name: str) -> torch.Tensor:
@@ -329,6 +355,23 @@ class ChildTuningLayer(BaseTunerLayer):
         if was_merged:
             self.merge()
 
+    def untune(self, adapter_name: str, tensor_name: str) -> None:
+        """Stop tuning one tensor (its child network is empty): drop its values, positions and cached positions.
+
+        No 0-element Parameter is left behind: optimizers such as torch's Adafactor divide by a tensor's size, and
+        0-size tensors do not survive every checkpoint format.
+        """
+        values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
+        for container in (getattr(self, values_attr), getattr(self, positions_attr)):
+            if adapter_name in container:
+                del container[adapter_name]
+        for cache in (self._decoded_positions, self._validated_positions):
+            cache.pop((adapter_name, tensor_name), None)
+        spec = self.childtuning_spec.get(adapter_name)
+        if spec is not None and tensor_name in spec.encodings:
+            encodings = {name: encoding for name, encoding in spec.encodings.items() if name != tensor_name}
+            self.childtuning_spec[adapter_name] = replace(spec, encodings=encodings)
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         for cache in (self._decoded_positions, self._validated_positions):
@@ -362,6 +405,8 @@ class ChildTuningLayer(BaseTunerLayer):
             updates = {name: self._merged_values(adapter_name, name) for name in self.tuned_tensor_names(adapter_name)}
             if safe_merge and not all(all_finite(values) for _, values in updates.values()):
                 raise broken  # finite values can still overflow the base dtype
+            # listed before the writes, so that unmerge undoes a merge that fails halfway exactly too
+            self.merged_adapters.append(adapter_name)
             for tensor_name, (index, new_values) in updates.items():
                 tensor = getattr(self.get_base_layer(), tensor_name)
                 unmerged = tensor.data.view(-1)
@@ -380,7 +425,6 @@ class ChildTuningLayer(BaseTunerLayer):
                     originals = gather_child(flat, index)
                     write_child(flat, index, new_values)
                 self._merge_originals[(adapter_name, tensor_name)] = (index, originals)
-            self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
         """Copy back the base values that merging overwrote, latest merge first: exact in every dtype."""
@@ -390,7 +434,10 @@ class ChildTuningLayer(BaseTunerLayer):
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
             for tensor_name in self.tuned_tensor_names(adapter_name):
-                index, originals = self._merge_originals.pop((adapter_name, tensor_name))
+                saved = self._merge_originals.pop((adapter_name, tensor_name), None)
+                if saved is None:  # a merge that failed before it wrote this tensor
+                    continue
+                index, originals = saved
                 flat = getattr(self.get_base_layer(), tensor_name).data.view(-1)
                 if index is None:
                     flat.copy_(originals.to(flat.device))
@@ -426,60 +473,6 @@ class ChildTuningLayer(BaseTunerLayer):
         return delta.view_as(weight)
 
 
-def validate_child_tensors(
-    layer: ChildTuningLayer,
-    adapter_name: str,
-    tensor_name: str,
-    values: torch.Tensor,
-    encoded_positions: Optional[torch.Tensor] = None,
-) -> None:
-    """Raise `AdapterFormatError` unless a checkpoint's tensors fit this layer: shape, dtype, finite, valid positions."""
-    key = layer.tensor_key(tensor_name)
-    base_tensor = getattr(layer.get_base_layer(), tensor_name)
-    expected = layer.child_values(adapter_name, tensor_name)
-    if not values.is_floating_point():
-        raise AdapterFormatError(f"{key}: child values of dtype {values.dtype}; expected a floating-point dtype.")
-    if tuple(values.shape) != tuple(expected.shape):
-        raise AdapterFormatError(
-            f"{key}: the file has {tuple(values.shape)} child values, the config and model expect "
-            f"{tuple(expected.shape)}; the adapter does not match this model or its adapter_config.json."
-        )
-    if not all_finite(values):
-        raise AdapterFormatError(f"{key}: the child values contain NaN or inf.")
-    if encoded_positions is not None:
-        spec = layer.childtuning_spec[adapter_name]
-        positions = decode_positions(
-            encoded_positions, base_tensor.numel(), values.numel(), spec.encodings[tensor_name], key
-        )
-        layer._validated_positions[(adapter_name, tensor_name)] = (encoded_positions, positions)
-
-
-def _merge_adapters_loaded_for_inference(layer: ChildTuningLayer, incompatible_keys: Any) -> None:
-    """After loading: merge the active adapters that were loaded for inference, so forwards cost the base's."""
-    to_merge = [
-        name
-        for name in layer.active_adapters
-        if name in layer.childtuning_spec
-        and layer.childtuning_spec[name].inference_mode
-        and name not in layer.merged_adapters
-        and not layer.disable_adapters
-    ]
-    if to_merge and not any(
-        parameter.is_meta for name in to_merge for parameter in layer._adapter_parameters(name)
-    ):
-        layer.merge(adapter_names=to_merge)
-
-
-def _report_unmerged_base_tensors(
-    layer: ChildTuningLayer, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-) -> None:
-    """Put the original base tensors in the state dict while adapters are merged into them."""
-    for tensor_name in {name for (_, name) in layer._merge_originals}:
-        key = f"{prefix}base_layer.{tensor_name}"
-        if key in state_dict:
-            state_dict[key] = layer.unmerged_base_tensor(tensor_name)
-
-
 class ChildTuningModule(nn.Module, ChildTuningLayer):
     """A module wrapped by Child-Tuning (any module with a `weight`; Linear and Conv1D take the fast path)."""
 
@@ -502,7 +495,10 @@ class ChildTuningModule(nn.Module, ChildTuningLayer):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.childtuning_spec]
-        if self.merged or not active:
+        if self.merged:
+            self._check_not_training_merged()
+            return self.base_layer(x, *args, **kwargs)
+        if not active:
             return self.base_layer(x, *args, **kwargs)
         self._check_ready_to_train(active)
         base = self.get_base_layer()

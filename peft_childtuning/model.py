@@ -15,41 +15,46 @@ from .config import ChildTuningConfig
 from .constants import TRANSFORMERS_MODELS_TO_CHILDTUNING_TARGET_MODULES_MAPPING
 from .fisher import LossFunction, child_size, estimate_fisher, proportional_child_sizes, top_k_threshold
 from .gradient_mask import MaskStepCounter
-from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer, ChildTuningModule, validate_child_tensors
-from .sparse_format import (
-    AdapterFormatError,
-    all_finite,
-    base_fingerprint,
-    decode_positions,
-    encoding_of,
-    fingerprint_matches,
-)
+from .fingerprint import base_fingerprint
+from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer, ChildTuningModule
+from .loading import attach_load_hooks, check_checkpoint, pending_checkpoint
+from .resizing import gradient_accumulator_is_held
+from .sparse_format import AdapterFormatError
+from .tied_weights import refuse_tied_targets
 
 logger = logging.getLogger(__name__)
 
 
 def tuned_tensors(model: nn.Module, adapter_name: str) -> Iterator[tuple[ChildTuningLayer, str, str, torch.Tensor]]:
-    """(layer, tensor name, tensor key, base tensor) for every tensor the adapter tunes, in model order."""
+    """(layer, tensor name, tensor key, base tensor) for every tensor the adapter's config targets, in model order.
+
+    Targeted, not only tuned: a mode-"d" tensor whose child network came out empty is not tuned (no values, see
+    `record_child_network`) but still counts among the entries the child network was chosen from.
+    """
     for module in model.modules():
         if isinstance(module, ChildTuningLayer) and adapter_name in module.childtuning_spec:
-            for tensor_name in module.tuned_tensor_names(adapter_name):
+            for tensor_name in module.targeted_tensor_names(adapter_name):
                 yield module, tensor_name, module.tensor_key(tensor_name), getattr(module.get_base_layer(), tensor_name)
 
 
-def discard_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove an adapter that failed its checks from every layer, so the model computes what its base does."""
-    for module in model.modules():
-        if isinstance(module, ChildTuningLayer) and adapter_name in module.childtuning_spec:
-            if adapter_name in module.merged_adapters:
-                module.unmerge()
-            module.delete_adapter(adapter_name)
-
-
 def record_child_network(model: nn.Module, config: ChildTuningConfig, adapter_name: str) -> None:
-    """Write the child sizes and position encodings of the model's layers into the adapter's config."""
-    tuned = list(tuned_tensors(model, adapter_name))
-    config.child_sizes = {key: layer.child_size(adapter_name, name) for layer, name, key, _ in tuned}
-    config.child_encodings = {key: layer.childtuning_spec[adapter_name].encodings[name] for layer, name, key, _ in tuned}
+    """Write the child sizes and position encodings of the model's layers into the adapter's config.
+
+    Called once the child network is chosen. A tensor whose child came out empty stops being tuned here and is left
+    out of child_sizes: a 0-element values Parameter would reach optimizers (torch's Adafactor divides by its size)
+    and checkpoints (safetensors-based ones drop it), with nothing to train.
+    """
+    sizes, encodings = {}, {}
+    for layer, tensor_name, key, _ in list(tuned_tensors(model, adapter_name)):
+        if tensor_name not in layer.tuned_tensor_names(adapter_name):
+            continue
+        if layer.child_size(adapter_name, tensor_name) == 0:
+            layer.untune(adapter_name, tensor_name)
+            continue
+        sizes[key] = layer.child_size(adapter_name, tensor_name)
+        encodings[key] = layer.childtuning_spec[adapter_name].encodings[tensor_name]
+    config.child_sizes = sizes
+    config.child_encodings = encodings
 
 
 class ChildTuningModel(BaseTuner):
@@ -97,27 +102,25 @@ class ChildTuningModel(BaseTuner):
         new_module = ChildTuningModule(
             target, adapter_name, config, module_key=current_key, step_counter=self.mask_step_counter
         )
+        attach_load_hooks(new_module)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
+        _check_child_sizes_fit(model, config)  # before any layer allocates its placeholders
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
         tensors = list(self._tuned_tensors(adapter_name))
-        # an adapter still waiting for its Fisher pass holds no values of the base: any base will do
-        if config.base_fingerprint is None:
-            config.base_fingerprint = base_fingerprint((key, tensor) for _, _, key, tensor in tensors)
-        elif not (config.ignore_base_mismatch or config.needs_fisher_pass) and not fingerprint_matches(
-            config.base_fingerprint, ((key, tensor) for _, _, key, tensor in tensors)
-        ):
-            discard_adapter(self.model, adapter_name)
-            raise AdapterFormatError(
-                f"Adapter '{adapter_name}' was tuned from other base weights than this model's "
-                f"(base_model_name_or_path={config.base_model_name_or_path!r}): its base fingerprint does not match. "
-                "Load it onto the base it was trained from, or set ignore_base_mismatch=True in its config to "
-                "load it anyway."
-            )
+        if config.child_sizes is not None:
+            untuned = sorted(set(key for key, size in config.child_sizes.items() if size) - {t[2] for t in tensors})
+            if untuned:
+                raise AdapterFormatError(
+                    f"Adapter '{adapter_name}': its child_sizes name {untuned[:3]}, which its target_modules do not "
+                    "tune in this model; the adapter_config.json does not match the model (or was edited)."
+                )
+        if config.base_fingerprint is None:  # a new adapter: the base it is tuned from
+            config.base_fingerprint = base_fingerprint(self.model)
         if config.mode == "d" and config.selection == "random" and config.child_sizes is None:
             # a random child network of exactly round(p * N) entries, spread over the tensors by their sizes
             sizes = proportional_child_sizes(config.reserve_p, [tensor.numel() for _, _, _, tensor in tensors])
@@ -125,6 +128,30 @@ class ChildTuningModel(BaseTuner):
             for layer in {id(layer): layer for layer, _, _, _ in tensors}.values():
                 layer.update_layer(adapter_name, config)
             record_child_network(self.model, config, adapter_name)
+        pending = pending_checkpoint()
+        if pending is not None and pending.check_when_injected and pending.adapter_name == adapter_name:
+            check_checkpoint(self.model, config, adapter_name, pending.tensors)
+
+    def _prepare_model(self, peft_config: ChildTuningConfig, model: nn.Module) -> None:
+        """Refuse tied targets (`tied_weights`) before peft wraps any module, so a refusal leaves the model as it was."""
+        super()._prepare_model(peft_config, model)
+        targets = [
+            (key, module)
+            for key, module in model.named_modules()
+            if key and self._check_target_module_exists(peft_config, key)
+        ]
+        refuse_tied_targets(model, targets, peft_config.tune_bias)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put `new_module` in the place of `child`, and nothing else (as LoRA's override does).
+
+        peft's version also copies `child.weight` and `.bias` onto a new module without a `base_layer`. Unloading
+        replaces a ModulesToSaveWrapper by its trained copy that way, and the wrapper has no weight of its own but
+        forwards the lookup to the copy: a no-op for a Linear head, an AttributeError for a head without a `weight`
+        (RoBERTa's classifier). Its device placement is not needed either: `update_layer` puts the adapter's
+        tensors on the base layer's device.
+        """
+        setattr(parent, child_name, new_module)
 
     def _tuned_tensors(self, adapter_name: str) -> Iterator[tuple[ChildTuningLayer, str, str, torch.Tensor]]:
         return tuned_tensors(self.model, adapter_name)
@@ -178,7 +205,35 @@ class ChildTuningModel(BaseTuner):
             )
         if any(module.merged for module in self.model.modules() if isinstance(module, ChildTuningLayer)):
             raise RuntimeError("detect_child_network needs the adapters unmerged: call model.unmerge_adapter() first.")
+        if not config.needs_fisher_pass:
+            origin = (
+                "selection='random' chose it when the adapter was created"
+                if config.selection == "random"
+                else "chosen by an earlier detect_child_network, or loaded with the adapter"
+            )
+            raise RuntimeError(
+                f"Adapter '{adapter_name}' already has its child network ({origin}); detect_child_network chooses it "
+                "once, before training. Choosing it again would restart the trained values from the base and leave "
+                "optimizers with state for the old child network. For a new child network, add a fresh adapter "
+                "(model.add_adapter(name, ChildTuningConfig(...))) or wrap a fresh base model."
+            )
         tuned = list(self._tuned_tensors(adapter_name))
+        held = [
+            key
+            for layer, tensor_name, key, _ in tuned
+            if gradient_accumulator_is_held(layer.child_values(adapter_name, tensor_name))
+        ]
+        if held:
+            raise RuntimeError(
+                f"detect_child_network: autograd already holds the values of adapter '{adapter_name}' (e.g. for "
+                f"{held[0]}) with their empty placeholder shapes: the model is wrapped in DistributedDataParallel, "
+                "whose gradient buckets cannot follow the child network (or a graph of an earlier forward pass is "
+                "still alive), and the first backward would fail. Call model.detect_child_network(...) before "
+                "wrapping the model (before DistributedDataParallel(model) or accelerator.prepare(model)); with the "
+                "transformers Trainer, call peft_childtuning.prepare_child_network(trainer) before trainer.train(). "
+                "Without a wrapper, let go of the outputs of earlier forward passes (or run them under "
+                "torch.no_grad()) first."
+            )
         with self._tuner_layers_disabled():  # the base tensors take the gradient; the adapter must not hide entries
             fisher = estimate_fisher(
                 self.model,
@@ -265,58 +320,9 @@ class ChildTuningModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Check the checkpoint before anything is loaded, so a bad file changes nothing.
-
-        Every tensor must fit the model's (shape) and be finite; each tuned tensor's child values and positions must
-        agree with each other and with the config. On a bad file the adapter is removed again, so the model keeps
-        computing what its base does. An adapter still waiting for its Fisher pass takes the checkpoint's child
-        network instead (e.g. a Trainer resuming from a checkpoint), so resuming never recomputes the Fisher pass.
-        """
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        try:
-            cls._check_checkpoint(model, config, adapter_name, remapped)
-        except AdapterFormatError:
-            discard_adapter(model, adapter_name)
-            raise
-        return remapped
-
-    @classmethod
-    def _check_checkpoint(
-        cls, model: nn.Module, config: ChildTuningConfig, adapter_name: str, checkpoint: dict[str, torch.Tensor]
-    ) -> None:
-        model_tensors = model.state_dict(keep_vars=True)
-        adopt_child_network = config.needs_fisher_pass
-        for key, tensor in checkpoint.items():
-            if not all_finite(tensor):
-                raise AdapterFormatError(f"{key}: the adapter file holds NaN or inf values.")
-            expected = model_tensors.get(key, model_tensors.get(key.removeprefix("base_model.model.")))
-            is_child_tensor = any(attr in key for pair in TUNED_TENSOR_CONTAINERS.values() for attr in pair)
-            if expected is not None and not is_child_tensor and expected.shape != tensor.shape:
-                raise AdapterFormatError(
-                    f"{key}: the file has shape {tuple(tensor.shape)}, the model {tuple(expected.shape)}; the adapter "
-                    "was saved from another model."
-                )
-        for prefix, layer in cls._layers_by_state_dict_prefix(model).items():
-            for tensor_name in layer.tuned_tensor_names(adapter_name):
-                values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
-                keys = [f"{prefix}{values_attr}.{adapter_name}"]
-                if config.mode == "d":
-                    keys.append(f"{prefix}{positions_attr}.{adapter_name}")
-                tensors = [checkpoint.get(key, checkpoint.get(f"base_model.model.{key}")) for key in keys]
-                for key, tensor in zip(keys, tensors):
-                    if tensor is None:
-                        raise AdapterFormatError(f"The adapter file has no tensor for {key}: it is incomplete.")
-                if adopt_child_network:
-                    values, encoded = tensors
-                    encoding = encoding_of(encoded)
-                    base_tensor = getattr(layer.get_base_layer(), tensor_name)
-                    positions = decode_positions(
-                        encoded, base_tensor.numel(), values.numel(), encoding, layer.tensor_key(tensor_name)
-                    )
-                    layer.set_child_network(adapter_name, tensor_name, positions, encoding)
-                validate_child_tensors(layer, adapter_name, tensor_name, *tensors)
-        if adopt_child_network:
-            record_child_network(model, config, adapter_name)
+        """Check the checkpoint (`loading.check_checkpoint`) before peft writes anything of it into the model."""
+        check_checkpoint(model, config, adapter_name, state_dict)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     # ----------------------------------------------------------------------------------------------- unloading
     def unload(self) -> nn.Module:
@@ -325,3 +331,40 @@ class ChildTuningModel(BaseTuner):
             if isinstance(module, BaseTunerLayer) and module.merged:
                 module.unmerge()
         return super().unload()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """peft's delete_adapter, also for an adapter merged at load: unmerged first, the others merged again."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        remerge = {}
+        for module in self.model.modules():
+            if isinstance(module, ChildTuningLayer) and adapter_name in module.merged_adapters:
+                remerge[module] = [name for name in module.merged_adapters if name != adapter_name]
+                module.unmerge()
+        super().delete_adapter(adapter_name)
+        for module, names in remerge.items():
+            if names:
+                module.merge(adapter_names=names)
+
+
+def _check_child_sizes_fit(model: nn.Module, config: ChildTuningConfig) -> None:
+    """Refuse child sizes that do not fit the tensors they name, before a few bytes of JSON allocate gigabytes."""
+    for key, size in (config.child_sizes or {}).items():
+        module_name, _, tensor_name = key.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+            if isinstance(module, ChildTuningLayer):
+                module = module.get_base_layer()
+            tensor = getattr(module, tensor_name)
+        except AttributeError:
+            tensor = None
+        if not isinstance(tensor, torch.Tensor):
+            raise AdapterFormatError(
+                f"child_sizes names {key}, which is not a tensor of this model: the adapter_config.json does not "
+                "belong to this base model (or was edited)."
+            )
+        if not 0 <= size <= tensor.numel():
+            raise AdapterFormatError(
+                f"child_sizes[{key!r}] = {size} does not fit a tensor of {tensor.numel()} entries: the "
+                "adapter_config.json is corrupted."
+            )

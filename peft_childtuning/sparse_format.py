@@ -15,22 +15,30 @@ them as they are. Decoding validates: a corrupted file gives an `AdapterFormatEr
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
+import json
+import os
+import struct
+import zlib
+from typing import Any
 
 import numpy as np
-
+import safetensors
+import safetensors.torch
 import torch
 
 ENCODINGS = ("bitmap", "int32", "gap16")
 _ENCODING_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16}
 _GAP16_MAX = (1 << 16) - 1
-# entries of each tuned tensor hashed into the base fingerprint
-_FINGERPRINT_SAMPLES = 1024
+# the safetensors metadata entry holding a CRC-32 of every stored tensor's bytes (JSON: tensor name -> 8 hex digits)
+CHECKSUMS_METADATA_KEY = "childtuning_crc32"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 class AdapterFormatError(ValueError):
-    """A Child-Tuning adapter file whose tensors or config are inconsistent."""
+    """A Child-Tuning adapter (file, tensors or config) that cannot be loaded as it is; the model was left unchanged.
+
+    The message names the file or tensor and the fix; the exception that revealed the problem is the ``__cause__``.
+    """
 
 
 def encoded_bytes(numel: int, size: int, encoding: str) -> int:
@@ -147,47 +155,66 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
 
 
-FINGERPRINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ------------------------------------------------------------------------------------------------ integrity
+def _crc32(data: Any) -> str:
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
 
 
-def _sample(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.detach().reshape(-1)
-    step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
-    return flat[::step][:_FINGERPRINT_SAMPLES].cpu()
+def tensor_checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """A CRC-32 of each tensor's bytes as safetensors stores them (little-endian, row-major)."""
+    return {
+        name: _crc32(tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+        for name, tensor in tensors.items()
+    }
 
 
-def _hash(tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in tensors:
-        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
-        digest.update(_sample(tensor).to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, read into memory once and checked against their stored checksums.
 
-
-def base_fingerprint(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
-    """Hashes of the tuned base tensors' names, shapes and a fixed sample of their values, in each float dtype.
-
-    One hash per dtype (the sample cast to it), plus the dtype the adapter was tuned in: the same checkpoint loaded
-    in fp32, bf16 or fp16 matches, a different one (different weights almost everywhere) does not. Sampling keeps it
-    cheap for any model size.
+    Read with one ``read()`` rather than mapped: the bytes checked are the bytes loaded, even if the file is being
+    rewritten meanwhile (a mapped file shrinking under a reader kills it with SIGBUS). Files written before
+    checksums were stored load unchecked; in a file with checksums, every tensor must have one and match it.
     """
-    tensors = list(tensors)
-    tuned_dtype = str(tensors[0][1].dtype).removeprefix("torch.") if tensors else "float32"
-    hashes = {name: _hash(tensors, dtype) for name, dtype in FINGERPRINT_DTYPES.items()}
-    return {"tuned_dtype": tuned_dtype, **hashes}
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise AdapterFormatError(f"{path}: cannot be read ({error}).") from error
+    if len(data) < 8:
+        raise AdapterFormatError(f"{path}: {len(data)} bytes is too short for a safetensors file (truncated?).")
+    (header_length,) = struct.unpack("<Q", data[:8])
+    if header_length > min(len(data) - 8, _MAX_HEADER_BYTES):
+        raise AdapterFormatError(f"{path}: the safetensors header claims {header_length} bytes (truncated?).")
+    try:
+        header = json.loads(data[8 : 8 + header_length])
+        tensors = safetensors.torch.load(data)
+    except (ValueError, safetensors.SafetensorError) as error:
+        raise AdapterFormatError(f"{path}: not a valid safetensors file ({error}); save the adapter again.") from error
+    metadata = header.pop("__metadata__", None) or {}
+    if CHECKSUMS_METADATA_KEY in metadata:
+        _check_checksums(path, data, 8 + header_length, header, metadata[CHECKSUMS_METADATA_KEY])
+    return tensors
 
 
-def fingerprint_matches(recorded: dict[str, str], tensors: Iterable[tuple[str, torch.Tensor]]) -> bool:
-    """Whether these base tensors are the ones the adapter was tuned from (up to the dtype they were loaded in)."""
-    tensors = list(tensors)
-    if not tensors:
-        return True
-    loaded_dtype = str(tensors[0][1].dtype).removeprefix("torch.")
-    tuned_dtype = recorded.get("tuned_dtype", "float32")
-    # a base at least as precise as the tuned one: round it to the tuned dtype; a less precise one: compare as loaded
-    for dtype_name in (tuned_dtype, loaded_dtype):
-        if dtype_name in FINGERPRINT_DTYPES and recorded.get(dtype_name) == _hash(
-            tensors, FINGERPRINT_DTYPES[dtype_name]
-        ):
-            return True
-    return False
+def _check_checksums(path: str, data: bytes, data_start: int, header: dict[str, Any], recorded_json: str) -> None:
+    try:
+        recorded = json.loads(recorded_json)
+        if not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        raise AdapterFormatError(f"{path}: its tensor checksums cannot be read ({error}).") from error
+    if set(recorded) != set(header):
+        added, missing = sorted(set(header) - set(recorded)), sorted(set(recorded) - set(header))
+        raise AdapterFormatError(
+            f"{path}: the file's tensors are not the ones it was saved with (added: {added or 'none'}, "
+            f"missing: {missing or 'none'}); save the adapter again."
+        )
+    view = memoryview(data)
+    for name, entry in header.items():
+        start, end = entry["data_offsets"]
+        if _crc32(view[data_start + start : data_start + end]) != recorded[name]:
+            raise AdapterFormatError(
+                f"{path}: tensor {name} does not match its checksum (the file is corrupted); download or save the "
+                "adapter again."
+            )

@@ -227,12 +227,15 @@ def child_layers(model: torch.nn.Module) -> dict[str, ChildTuningLayer]:
 
 
 def positions_of(layer: ChildTuningLayer, adapter: str = "default", tensor_name: str = "weight") -> torch.Tensor:
-    """The decoded child positions (sorted flat int32) of one tuned tensor of a mode-"d" adapter.
+    """The decoded child positions (sorted flat int32) of one targeted tensor of a mode-"d" adapter (none if empty).
 
     The layer stores them encoded (bitmap / int32 / gap16, see `peft_childtuning.sparse_format`); this decodes them.
     """
     from peft_childtuning.sparse_format import decode_positions
 
+    if tensor_name not in layer.tuned_tensor_names(adapter):  # an empty child network: the tensor is not tuned
+        assert tensor_name in layer.targeted_tensor_names(adapter)
+        return torch.empty(0, dtype=torch.int32)
     values_attr, positions_attr = {
         "weight": ("childtuning_values", "childtuning_positions"),
         "bias": ("childtuning_bias_values", "childtuning_bias_positions"),
@@ -281,3 +284,109 @@ def train_steps(model, optimizer, batches, steps: int | None = None) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------------ saved adapters
+@dataclass
+class SavedAdapters:
+    """A tiny BERT base saved to disk, trained mode-d and mode-f adapters saved from it, and their outputs."""
+
+    base: str
+    adapters: dict[str, str]  # mode -> adapter directory
+    batch: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]  # mode -> logits of the trained model; "base" -> the base's
+
+    def load_base(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(self.base, dtype=dtype).eval()
+
+    def copy_adapter(self, mode: str, destination: str) -> str:
+        import shutil
+
+        shutil.copytree(self.adapters[mode], destination)
+        return destination
+
+
+@pytest.fixture(scope="session")
+def saved_adapters(tmp_path_factory: pytest.TempPathFactory) -> SavedAdapters:
+    root = tmp_path_factory.mktemp("saved_adapters")
+    base_dir = str(root / "base")
+    tiny_bert(seed=0).save_pretrained(base_dir)
+    arch = ARCHS["bert"]
+    batch = {k: v for k, v in arch.batches(1, seed=40)[0].items() if k != "labels"}
+    saved = SavedAdapters(base_dir, {}, batch, {})
+    with torch.no_grad():
+        saved.outputs["base"] = saved.load_base()(**batch).logits
+    for mode in ("d", "f"):
+        model = peft_model(saved.load_base(), mode=mode, reserve_p=0.3, task_type="SEQ_CLS", seed=3)
+        if mode == "d":
+            model.detect_child_network(arch.batches(2, seed=20), progress=False)
+        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+        train_steps(model, optimizer, arch.batches(2, seed=21))
+        model.eval()
+        path = str(root / mode)
+        model.save_pretrained(path)
+        saved.adapters[mode] = path
+        with torch.no_grad():
+            saved.outputs[mode] = model(**batch).logits
+    return saved
+
+
+LOADERS = ("from_pretrained", "from_pretrained_low_cpu_mem_usage", "load_adapter", "transformers_load_adapter")
+
+
+def loader_target(loader: str, saved: SavedAdapters, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """What `loader` loads into: a fresh base, or (load_adapter) a model with the mode-f adapter loaded and merged."""
+    from peft import PeftModel
+
+    if loader == "load_adapter":
+        return PeftModel.from_pretrained(saved.load_base(dtype), saved.adapters["f"])
+    return saved.load_base(dtype)
+
+
+def run_loader(loader: str, target: torch.nn.Module, adapter_dir: str, **kwargs) -> torch.nn.Module:
+    """Load `adapter_dir` into `target` with one of the loaders users have; returns the model that runs it."""
+    from peft import PeftModel
+
+    if loader == "from_pretrained":
+        return PeftModel.from_pretrained(target, adapter_dir, **kwargs)
+    if loader == "from_pretrained_low_cpu_mem_usage":
+        return PeftModel.from_pretrained(target, adapter_dir, low_cpu_mem_usage=True, **kwargs)
+    if loader == "load_adapter":
+        target.load_adapter(adapter_dir, adapter_name="loaded", **kwargs)
+        target.set_adapter("loaded")
+        return target
+    if loader == "transformers_load_adapter":
+        target.load_adapter(adapter_dir, adapter_name="default", **kwargs)
+        return target
+    raise ValueError(f"unknown loader {loader!r}")
+
+
+def rewrite_weights(adapter_dir: str, edit: Callable[[dict[str, torch.Tensor]], None], checksums: bool = True) -> None:
+    """Edit an adapter file's tensors in place; with `checksums`, store fresh ones (a consistent file, as a tool
+    that knows the format would write it), otherwise none (as a file saved before checksums existed)."""
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    from peft_childtuning.sparse_format import CHECKSUMS_METADATA_KEY, tensor_checksums
+
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    metadata = {"format": "pt"}
+    if checksums:
+        metadata[CHECKSUMS_METADATA_KEY] = _json.dumps(tensor_checksums(tensors))
+    save_file(tensors, path, metadata=metadata)
+
+
+def rewrite_config(adapter_dir: str, edit: Callable[[dict], None]) -> None:
+    import json as _json
+
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path, encoding="utf-8") as handle:
+        config = _json.load(handle)
+    edit(config)
+    with open(path, "w", encoding="utf-8") as handle:
+        _json.dump(config, handle)

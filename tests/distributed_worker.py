@@ -71,7 +71,12 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def child_positions(model) -> dict[str, torch.Tensor]:
-    return {key: positions_of(layer).clone() for key, layer in child_layers(model).items()}
+    """The child positions of every tuned weight (a weight whose child network came out empty is not tuned)."""
+    return {
+        key: positions_of(layer).clone()
+        for key, layer in child_layers(model).items()
+        if "weight" in layer.tuned_tensor_names("default")
+    }
 
 
 def mask_digest(model, step: int) -> str:
@@ -254,15 +259,10 @@ def fsdp(version: int, mode: str) -> dict[str, Any]:
             accelerator.prepare_data_loader(DataLoader(data, batch_size=PER_PROCESS_BATCH)), progress=False
         )
         result["positions"] = child_positions(model)
-        result["empty_child_tensors"] = [
-            name for name, p in model.named_parameters() if "childtuning_values" in name and p.numel() == 0
-        ]
-        if version == 2:
-            # FSDP2's reduce-scatter refuses empty gradients ("_chunk_cat expects non-empty tensor"): a tensor whose
-            # child network is empty has nothing to train, so its values stop requiring grad before sharding
-            for name, param in model.named_parameters():
-                if "childtuning_values" in name and param.numel() == 0:
-                    param.requires_grad_(False)
+        # not tuned at all: no 0-element values Parameter, which FSDP2's reduce-scatter would refuse ("_chunk_cat
+        # expects non-empty tensor")
+        result["empty_child_tensors"] = [key for key in child_layers(model) if key not in result["positions"]]
+        result["zero_element_parameters"] = [name for name, p in model.named_parameters() if p.numel() == 0]
     if version == 2:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

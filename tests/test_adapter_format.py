@@ -10,6 +10,7 @@ Models are built from configs and saved into tmp dirs, so no hub access is neede
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -28,15 +29,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from peft_childtuning import ChildTuningConfig
+from peft_childtuning.fingerprint import base_fingerprint, fingerprint_mismatch
 from peft_childtuning.sparse_format import (
     ENCODINGS,
     AdapterFormatError,
-    base_fingerprint,
     choose_encoding,
     decode_positions,
     encode_positions,
     encoded_bytes,
-    fingerprint_matches,
     placeholder,
 )
 
@@ -179,7 +179,11 @@ def test_save_writes_only_safetensors_and_config(bert_dirs, mode):
     with open(os.path.join(adapter_dir, "adapter_config.json")) as handle:
         config = json.load(handle)
     assert config["peft_type"] == "CHILDTUNING" and config["mode"] == mode
-    assert config["base_fingerprint"] and config["base_fingerprint"]["tuned_dtype"] == "float32"
+    assert config["base_fingerprint"]["version"] == 2 and config["base_fingerprint"]["count"] > 0
+    # every stored tensor carries a checksum in the file's metadata
+    with safe_open(path, framework="pt") as handle:
+        checksums = json.loads(handle.metadata()["childtuning_crc32"])
+        assert set(checksums) == set(handle.keys())
 
 
 @pytest.mark.parametrize(
@@ -486,26 +490,30 @@ def test_decode_rejects_bitmap_padding_bits_and_wrong_popcount():
 # ------------------------------------------------------------------------------------------------ 4. fingerprint
 def test_fingerprint_matches_same_weights_in_any_dtype_and_rejects_others():
     first, other = tiny_bert(seed=0), tiny_bert(seed=1)
-    keys = ["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.output.dense.weight"]
-
-    def tensors(model, dtype=torch.float32):
-        params = dict(model.named_parameters())
-        return [(key, params[key].detach().to(dtype)) for key in keys]
-
-    recorded = base_fingerprint(tensors(first))
-    assert recorded["tuned_dtype"] == "float32"
-    assert {"float32", "bfloat16", "float16"} <= set(recorded)
+    recorded = base_fingerprint(first)
+    assert recorded["version"] == 2 and recorded["architecture"]["model_class"] == "BertForSequenceClassification"
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert fingerprint_matches(recorded, tensors(first, dtype)), dtype
-        assert not fingerprint_matches(recorded, tensors(other, dtype)), dtype
-    # names and shapes are part of it
-    renamed = [(key + "x", tensor) for key, tensor in tensors(first)]
-    assert not fingerprint_matches(recorded, renamed)
-    # an adapter tuned on a bf16 base matches that base loaded in fp32
-    recorded_bf16 = base_fingerprint(tensors(first, torch.bfloat16))
-    assert recorded_bf16["tuned_dtype"] == "bfloat16"
-    upcast = [(key, tensor.to(torch.bfloat16).float()) for key, tensor in tensors(first)]
-    assert fingerprint_matches(recorded_bf16, upcast)
+        assert fingerprint_mismatch(recorded, copy.deepcopy(first).to(dtype), "default") is None, dtype
+        assert "hold other values" in fingerprint_mismatch(recorded, copy.deepcopy(other).to(dtype), "default")
+    # tuned in bf16, loaded in fp16 (and the other way round): the same checkpoint
+    recorded_bf16 = base_fingerprint(copy.deepcopy(first).to(torch.bfloat16))
+    assert fingerprint_mismatch(recorded_bf16, copy.deepcopy(first).to(torch.float16), "default") is None
+    recorded_fp16 = base_fingerprint(copy.deepcopy(first).to(torch.float16))
+    assert fingerprint_mismatch(recorded_fp16, copy.deepcopy(first).to(torch.bfloat16), "default") is None
+    # an untuned tensor the outputs depend on (a LayerNorm, an embedding row) is part of it
+    changed = copy.deepcopy(first)
+    with torch.no_grad():
+        changed.bert.embeddings.LayerNorm.weight.mul_(1.1)
+    assert "LayerNorm" in fingerprint_mismatch(recorded, changed, "default")
+    # and so are the architecture fields that change the computation, and the model class (its head)
+    gelu_new = copy.deepcopy(first)
+    gelu_new.config.hidden_act = "gelu_new"
+    assert "hidden_act" in fingerprint_mismatch(recorded, gelu_new, "default")
+    from transformers import BertModel
+
+    bare = BertModel(first.config)
+    bare.load_state_dict({k.removeprefix("bert."): v for k, v in first.state_dict().items()}, strict=False)
+    assert "model_class" in fingerprint_mismatch(recorded, bare, "default")
 
 
 # ------------------------------------------------------------------------------------------------ 5. bad files
@@ -602,10 +610,10 @@ BAD_FILES = [
     BadFile("empty_file", truncate=0, error=Exception, names_tensor=False),
     BadFile("header_garbage", raw=_raw_header_garbage, error=Exception, names_tensor=False),
     BadFile("header_length_huge", raw=_raw_header_length, error=Exception, names_tensor=False),
-    BadFile("position_byte_bit_flip", raw=_raw_position_bit_flip, match="bitmap marks"),
-    BadFile("value_bytes_nan", raw=_raw_value_nan, match="NaN or inf"),
+    BadFile("position_byte_bit_flip", raw=_raw_position_bit_flip, match="checksum"),
+    BadFile("value_bytes_nan", raw=_raw_value_nan, match="checksum"),
     # wrong dtypes
-    BadFile("values_int32", lambda sd, cfg: sd.update({FV: sd[FV].to(torch.int32)}), match="floating-point"),
+    BadFile("values_int32", lambda sd, cfg: sd.update({FV: sd[FV].to(torch.int32)}), match="floating point"),
     BadFile("bitmap_as_int8", lambda sd, cfg: sd.update({FP: sd[FP].view(torch.int8)})),
     BadFile("int32_positions_as_int64", lambda sd, cfg: sd.update({FP: reencode(sd, cfg, "int32").to(torch.int64)})),
     BadFile("gap16_as_int16", lambda sd, cfg: sd.update({FP: reencode(sd, cfg, "gap16").view(torch.int16)})),

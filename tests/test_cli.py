@@ -144,7 +144,7 @@ def test_inspect_text_output(dirs, capsys):
     assert code == 0, err
     config = dirs["config"]
     for needle in ("mode:", "reserve_p:", "0.3", "selection:", "fisher", "total bytes", "bytes per child entry",
-                   "base fingerprint", config.base_fingerprint["float32"], "classifier.weight"):
+                   "base fingerprint", config.base_fingerprint["tensors"], "classifier.weight"):
         assert needle in out, needle
     for key, size in config.child_sizes.items():
         line = next(line for line in out.splitlines() if key in line)

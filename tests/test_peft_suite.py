@@ -26,6 +26,9 @@ def test_peft_own_test_suite_passes(tmp_path_factory: pytest.TempPathFactory, hf
         "PLUGIN_PATH": str(REPO),
         "PLUGIN_CONFIG_KWARGS": json.dumps(VARIANTS),
         "PEFT_SUITE_PYTHON": sys.executable,
+        # Child-Tuning refuses to save a pickle (save_pretrained(safe_serialization=False) raises, by design: a
+        # pickle can run code when it is loaded); peft's tests of pickled saving therefore do not apply
+        "PEFT_SUITE_K": "not save_pretrained_pickle and not save_pretrained_selected_adapters_pickle",
     }
     if hf_target_modules == "null":  # the tuner's own target_module_mapping, as upstream does for built-in methods
         env["PLUGIN_HF_TARGET_MODULES"] = "null"

@@ -1,0 +1,216 @@
+"""The base fingerprint: which base model an adapter was tuned from, checked whenever a child network is loaded.
+
+A sparse diff is only the trained model on the base it was taken against, and everything the outputs depend on counts:
+the tuned tensors, the untuned ones (embeddings, norms, biases...) and the architecture fields that change the
+computation (model class and head, activation, norm epsilons, attention heads). The fingerprint records
+
+- ``architecture``: the model class and those config fields, compared exactly;
+- ``tensors``: a digest of every base tensor's name and shape (modules saved whole with the adapter, such as a
+  freshly initialised classifier head, are left out), compared exactly;
+- ``signatures``: six statistics per tensor of a fixed sample of its entries (mean, mean |x|, root mean square and
+  three fixed random-sign projections), compared with a tolerance of 2**-7 of the sample's mean |x|.
+
+The tolerance makes one checkpoint match itself loaded in fp32, bf16 or fp16 (rounding moves each statistic by at
+most 2**-8 of mean |x|), while a different checkpoint misses it on almost every tensor (its projections differ by
+about 4% of the root mean square). Adapters saved before the fingerprint had a ``version`` carry hashes of the tuned
+tensors only; they are still checked that way.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+FINGERPRINT_VERSION = 2
+# entries of each tensor sampled into the fingerprint (evenly spaced): cheap for any model size
+SAMPLES = 1024
+# |recorded - loaded| allowed per statistic, relative to the sample's mean |x|, and an absolute floor (fp16 subnormals)
+RELATIVE_TOLERANCE = 2.0**-7
+ABSOLUTE_TOLERANCE = 1e-7
+_PROJECTIONS = 3
+# config fields that change what a model computes, beyond the tensors' names and shapes
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "hidden_act",
+    "hidden_activation",
+    "activation_function",
+    "feed_forward_proj",
+    "dense_act_fn",
+    "layer_norm_eps",
+    "layer_norm_epsilon",
+    "rms_norm_eps",
+    "norm_eps",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "position_embedding_type",
+    "rope_theta",
+    "tie_word_embeddings",
+)
+
+
+def _signs() -> np.ndarray:
+    """Fixed random signs of the projections (the same for every tensor and every process)."""
+    return np.random.default_rng(20211107).choice([-1.0, 1.0], size=(_PROJECTIONS, SAMPLES))
+
+
+_SIGNS = _signs()
+
+
+def _sample(tensor: torch.Tensor) -> np.ndarray:
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // SAMPLES)
+    return flat[::step][:SAMPLES].to("cpu", torch.float64).numpy()
+
+
+def _statistics(tensor: torch.Tensor) -> np.ndarray:
+    sample = _sample(tensor)
+    if sample.size == 0:
+        return np.zeros(3 + _PROJECTIONS)
+    projections = _SIGNS[:, : sample.size] @ sample / sample.size
+    return np.concatenate([[sample.mean(), np.abs(sample).mean(), np.sqrt((sample**2).mean())], projections])
+
+
+def fingerprinted_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name in the base model, tensor) of every floating-point base tensor the outputs depend on.
+
+    Works on a plain model and on one with peft's layers in it: peft's ``base_model.model.`` prefix and
+    ``base_layer.`` are removed from the names, adapter tensors are skipped, and so are the modules saved whole with
+    an adapter (peft's ``ModulesToSaveWrapper``), whose trained copies come with it. Tied tensors are counted once.
+    """
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    from .layer import ChildTuningLayer
+
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    skipped = [name for name, module in root.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)]
+    adapter_containers = {
+        f"{name}.{attr}" if name else attr
+        for name, module in root.named_modules()
+        if isinstance(module, ChildTuningLayer)
+        for attr in (*module.adapter_layer_names, *module.other_param_names)
+    }
+    # merged adapters have written into their base tensors: those are read as they are unmerged
+    unmerged = {
+        id(getattr(module.get_base_layer(), tensor_name)): (module, tensor_name)
+        for module in root.modules()
+        if isinstance(module, ChildTuningLayer)
+        for (_, tensor_name) in module._merge_originals
+    }
+    seen: set[int] = set()
+    for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
+        if not tensor.is_floating_point() or tensor.is_meta or id(tensor) in seen:
+            continue
+        if any(name.startswith(f"{prefix}.") for prefix in skipped) or any(
+            name.startswith(f"{container}.") for container in adapter_containers
+        ):
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in unmerged:
+            layer, tensor_name = unmerged[id(tensor)]
+            tensor = layer.unmerged_base_tensor(tensor_name)
+        yield name.replace(".base_layer.", "."), tensor
+
+
+def _architecture(model: nn.Module) -> dict[str, Any]:
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(root, "config", None)
+    fields = {"model_class": type(root).__name__}
+    if config is not None:
+        for field in ARCHITECTURE_FIELDS:
+            value = getattr(config, field, None)
+            if isinstance(value, (str, int, float, bool)):
+                fields[field] = value
+    return fields
+
+
+def _names_digest(tensors: list[tuple[str, torch.Tensor]]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+    return digest.hexdigest()
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The fingerprint of the model's base (see the module docstring), JSON-serialisable."""
+    tensors = sorted(fingerprinted_tensors(model), key=lambda item: item[0])
+    signatures = np.stack([_statistics(tensor) for _, tensor in tensors]) if tensors else np.zeros((0, 6))
+    return {
+        "version": FINGERPRINT_VERSION,
+        "architecture": _architecture(model),
+        "tensors": _names_digest(tensors),
+        "count": len(tensors),
+        "signatures": base64.b64encode(signatures.astype("<f8").tobytes()).decode("ascii"),
+    }
+
+
+def fingerprint_mismatch(recorded: Any, model: nn.Module, adapter_name: str) -> Optional[str]:
+    """Why the model's base is not the one `recorded` (adapter `adapter_name`'s) describes, or None when it is."""
+    if not isinstance(recorded, dict):
+        return f"the recorded base fingerprint is not a JSON object ({type(recorded).__name__})"
+    if "version" not in recorded:
+        return _legacy_mismatch(recorded, model, adapter_name)
+    if recorded.get("version") != FINGERPRINT_VERSION:
+        return f"unknown base fingerprint version {recorded.get('version')!r}"
+    current = base_fingerprint(model)
+    if recorded.get("architecture") != current["architecture"]:
+        changed = sorted(
+            key
+            for key in set(recorded.get("architecture") or {}) | set(current["architecture"])
+            if (recorded.get("architecture") or {}).get(key) != current["architecture"].get(key)
+        )
+        return f"the architecture differs ({', '.join(changed)})"
+    if recorded.get("tensors") != current["tensors"] or recorded.get("count") != current["count"]:
+        return "the base tensors' names or shapes differ"
+    try:
+        expected = np.frombuffer(base64.b64decode(recorded["signatures"], validate=True), dtype="<f8")
+        expected = expected.reshape(current["count"], 3 + _PROJECTIONS)
+    except (KeyError, TypeError, ValueError) as error:
+        return f"the recorded tensor signatures cannot be read ({error})"
+    actual = np.frombuffer(base64.b64decode(current["signatures"]), dtype="<f8").reshape(expected.shape)
+    tolerance = RELATIVE_TOLERANCE * np.abs(expected[:, 1:2]) + ABSOLUTE_TOLERANCE
+    differs = ~(np.abs(actual - expected) <= tolerance).all(axis=1)  # NaN in either differs
+    if differs.any():
+        names = [name for name, _ in sorted(fingerprinted_tensors(model), key=lambda item: item[0])]
+        first = [names[index] for index in np.flatnonzero(differs)[:3]]
+        return f"{int(differs.sum())} of {len(names)} base tensors hold other values (e.g. {', '.join(first)})"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ before version 2
+_LEGACY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _legacy_hash(tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // SAMPLES)
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(flat[::step][:SAMPLES].cpu().to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _legacy_mismatch(recorded: dict[str, Any], model: nn.Module, adapter_name: str) -> Optional[str]:
+    """Fingerprints written before version 2: hashes of the adapter's tuned tensors' samples, one per dtype."""
+    from .layer import ChildTuningLayer
+
+    tensors = [
+        (module.tensor_key(name), module.unmerged_base_tensor(name))
+        for module in model.modules()
+        if isinstance(module, ChildTuningLayer) and adapter_name in module.childtuning_spec
+        for name in module.tuned_tensor_names(adapter_name)
+    ]
+    if not tensors:
+        return None
+    loaded_dtype = str(tensors[0][1].dtype).removeprefix("torch.")
+    for dtype_name in (recorded.get("tuned_dtype", "float32"), loaded_dtype):
+        if dtype_name in _LEGACY_DTYPES and recorded.get(dtype_name) == _legacy_hash(tensors, _LEGACY_DTYPES[dtype_name]):
+            return None
+    return "the tuned base tensors hold other values"
