@@ -205,7 +205,7 @@ def _legacy_mismatch(recorded: dict[str, Any], model: nn.Module, adapter_name: s
         (module.tensor_key(name), module.unmerged_base_tensor(name))
         for module in model.modules()
         if isinstance(module, ChildTuningLayer) and adapter_name in module.childtuning_spec
-        for name in module.tuned_tensor_names(adapter_name)
+        for name in module.targeted_tensor_names(adapter_name)  # empty children too, as they were hashed
     ]
     if not tensors:
         return None

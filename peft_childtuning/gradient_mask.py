@@ -71,34 +71,31 @@ class MaskStepCounter:
     def __init__(self, trainable_parameters: Callable[[], list[torch.nn.Parameter]]) -> None:
         self.step = 0
         self._trainable_parameters = trainable_parameters
-        self._register()
-
-    def _register(self) -> None:
-        counter_ref = weakref.ref(self)
-
-        def after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            counter = counter_ref()
-            if counter is not None and counter._updated_by(optimizer):
-                counter.step += 1
-
-        self._handle = register_optimizer_step_post_hook(after_optimizer_step)
+        _COUNTERS.add(self)
 
     def _updated_by(self, optimizer: torch.optim.Optimizer) -> bool:
         ours = {id(parameter) for parameter in self._trainable_parameters()}
         return any(id(parameter) in ours for group in optimizer.param_groups for parameter in group["params"])
 
-    def __getstate__(self) -> dict[str, Any]:
-        # a copy (deepcopy, pickle) registers a hook of its own instead of sharing the original's handle
-        return {"step": self.step, "_trainable_parameters": self._trainable_parameters}
-
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy (deepcopy, pickle) counts the steps of its own model
         self.__dict__.update(state)
-        self._register()
+        _COUNTERS.add(self)
 
-    def __del__(self) -> None:
-        handle = getattr(self, "_handle", None)
-        if handle is not None:
-            handle.remove()
+
+# every live counter, weakly: one global hook serves them all. (A hook per counter, removed when the counter is
+# collected, would change torch's hook dict while torch iterates it: the cyclic garbage collector can free a
+# counter at any allocation, also during the hooks of an optimizer step.)
+_COUNTERS: "weakref.WeakSet[MaskStepCounter]" = weakref.WeakSet()
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for counter in list(_COUNTERS):
+        if counter._updated_by(optimizer):
+            counter.step += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class BernoulliGradientMask(torch.autograd.Function):

@@ -39,7 +39,7 @@ from .sparse_format import (
     placeholder,
 )
 from .gradient_mask import BernoulliGradientMask, MaskStepCounter
-from .resizing import resize_in_place
+from .resizing import resize_in_place, retire
 
 # tuned tensor name -> (values container, positions container)
 TUNED_TENSOR_CONTAINERS = {
@@ -362,15 +362,17 @@ class ChildTuningLayer(BaseTunerLayer):
         0-size tensors do not survive every checkpoint format.
         """
         values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
+        if adapter_name in getattr(self, values_attr):
+            retire(getattr(self, values_attr)[adapter_name])  # optimizers created earlier drop it too
         for container in (getattr(self, values_attr), getattr(self, positions_attr)):
             if adapter_name in container:
                 del container[adapter_name]
         for cache in (self._decoded_positions, self._validated_positions):
             cache.pop((adapter_name, tensor_name), None)
         spec = self.childtuning_spec.get(adapter_name)
-        if spec is not None and tensor_name in spec.encodings:
+        if spec is not None:  # its child network is known (empty): nothing left to wait for
             encodings = {name: encoding for name, encoding in spec.encodings.items() if name != tensor_name}
-            self.childtuning_spec[adapter_name] = replace(spec, encodings=encodings)
+            self.childtuning_spec[adapter_name] = replace(spec, awaits_fisher_pass=False, encodings=encodings)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

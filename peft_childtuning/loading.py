@@ -40,13 +40,12 @@ from .fingerprint import fingerprint_mismatch
 from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer
 from .registration import PEFT_TYPE_NAME
 from .sparse_format import (
-    CHECKSUMS_METADATA_KEY,
     AdapterFormatError,
     all_finite,
     decode_positions,
     encoding_of,
     read_adapter_weights,
-    tensor_checksums,
+    save_with_checksums,
 )
 
 PEFT_PREFIX = "base_model.model."
@@ -227,15 +226,18 @@ def check_checkpoint(
                     f"the file has no tensor {PEFT_PREFIX}{key} (for {tensor_key}): it is incomplete, or it does not "
                     "match its adapter_config.json. Save the adapter again."
                 )
-        carries_child_network = True
+        carries_child_network = carries_child_network or values.numel() > 0
         base_tensor = getattr(entry.layer.get_base_layer(), entry.tensor_name)
         _check_values(tensor_key, values, entry, adapter_name, base_tensor, adopt)
         if encoded is None:
             continue
         if adopt:
-            encoding = encoding_of(encoded)
-            positions = decode_positions(encoded, base_tensor.numel(), values.numel(), encoding, tensor_key)
-            adopted.append((entry, positions, encoding))
+            if values.numel():
+                encoding = encoding_of(encoded)
+                positions = decode_positions(encoded, base_tensor.numel(), values.numel(), encoding, tensor_key)
+                adopted.append((entry, positions, encoding))
+            else:
+                emptied.append(entry)
         else:
             spec = entry.layer.childtuning_spec[adapter_name]
             positions = decode_positions(
@@ -247,9 +249,9 @@ def check_checkpoint(
         check_base(model, config, adapter_name)
     for entry, positions, encoding in adopted:
         entry.layer.set_child_network(adapter_name, entry.tensor_name, positions, encoding)
-    for entry in emptied:
-        entry.layer.untune(adapter_name, entry.tensor_name)
-    if adopted or emptied:
+    if adopted:  # a checkpoint saved before its Fisher pass (every child empty) adopts nothing: still waiting
+        for entry in emptied:
+            entry.layer.untune(adapter_name, entry.tensor_name)
         from .model import record_child_network
 
         record_child_network(model, config, adapter_name)
@@ -301,14 +303,13 @@ def _check_saved_whole(key: str, tensor: torch.Tensor, model_tensor: torch.Tenso
 
 
 def check_base(model: nn.Module, config: ChildTuningConfig, adapter_name: str) -> None:
-    """Raise `AdapterFormatError` unless the model's base is the one the adapter was tuned from."""
+    """Raise `AdapterFormatError` unless the model's base is the one the adapter was tuned from.
+
+    An adapter never saved has no fingerprint yet (it is recorded at the first save): its tensors come from memory,
+    not from a file. A file without one is refused before this (`_check_saved_config`).
+    """
     if config.base_fingerprint is None:
-        raise AdapterFormatError(
-            f"Adapter '{adapter_name}' carries a child network but records no base fingerprint, so nothing shows "
-            "that this is the base it was tuned from. Save it again from the model it was trained on, or pass "
-            "ignore_base_mismatch=True (ChildTuningConfig.from_pretrained / PeftModel.from_pretrained; the CLI's "
-            "--ignore-base-mismatch) to load it anyway, at your own risk."
-        )
+        return
     reason = fingerprint_mismatch(config.base_fingerprint, model, adapter_name)
     if reason is not None:
         raise AdapterFormatError(
@@ -444,7 +445,9 @@ def read_checkpoint(folder: str) -> tuple[str, dict[str, torch.Tensor]]:
 def _check_saved_config(folder: str, tensors: dict[str, torch.Tensor], ignore_base_mismatch: bool) -> dict[str, Any]:
     """The saved config, refused where a loaded config could hide a problem the tensors reveal."""
     saved = _saved_config(folder)
-    carries_child_network = any(key.rpartition(".")[2] in _CONTAINER_NAMES for key in tensors)
+    carries_child_network = any(
+        key.rpartition(".")[2] in _CONTAINER_NAMES and tensor.numel() for key, tensor in tensors.items()
+    )
     if saved.get("peft_type") != PEFT_TYPE_NAME:
         raise AdapterFormatError(
             f"{os.path.join(folder, CONFIG_NAME)}: peft_type {saved.get('peft_type')!r}, but the weights are a "
@@ -545,6 +548,8 @@ def _peft_load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, 
     with load_transaction(self, path, adapter_name, tensors):
         if existing is not None:
             _check_same_adapter(self, existing, saved, adapter_name, folder)
+            if existing.base_fingerprint is None:  # never saved: it takes the checked one of its checkpoint
+                existing.base_fingerprint = saved.get("base_fingerprint")
         return _ORIGINALS["load_adapter"](self, folder, adapter_name, **call)
 
 
@@ -621,9 +626,9 @@ def _bind(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str,
 
 # ------------------------------------------------------------------------------------------------ saving
 def _save_with_checksums(tensors: dict[str, torch.Tensor], filename: str, metadata: Optional[dict] = None) -> None:
-    """safetensors' save_file, with a checksum of every tensor in the metadata when it is a Child-Tuning adapter."""
+    """safetensors' save_file for peft; a Child-Tuning adapter's file gets a checksum of every tensor."""
     if any(key.rpartition(".")[2] in _CONTAINER_NAMES for key in tensors):
-        metadata = {**(metadata or {}), CHECKSUMS_METADATA_KEY: json.dumps(tensor_checksums(tensors), sort_keys=True)}
+        return save_with_checksums(tensors, filename, metadata)
     return _ORIGINALS["safe_save_file"](tensors, filename, metadata=metadata)
 
 

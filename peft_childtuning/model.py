@@ -41,8 +41,8 @@ def record_child_network(model: nn.Module, config: ChildTuningConfig, adapter_na
     """Write the child sizes and position encodings of the model's layers into the adapter's config.
 
     Called once the child network is chosen. A tensor whose child came out empty stops being tuned here and is left
-    out of child_sizes: a 0-element values Parameter would reach optimizers (torch's Adafactor divides by its size)
-    and checkpoints (safetensors-based ones drop it), with nothing to train.
+    out of child_sizes: a 0-element values Parameter, with nothing to train, would reach optimizers (torch's
+    Adafactor divides by its size) and checkpoints (accelerate's save_state / load_state lose it).
     """
     sizes, encodings = {}, {}
     for layer, tensor_name, key, _ in list(tuned_tensors(model, adapter_name)):
@@ -103,6 +103,7 @@ class ChildTuningModel(BaseTuner):
             target, adapter_name, config, module_key=current_key, step_counter=self.mask_step_counter
         )
         attach_load_hooks(new_module)
+        new_module.train(target.training)  # a module added later follows the model's mode (train or eval)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -119,8 +120,6 @@ class ChildTuningModel(BaseTuner):
                     f"Adapter '{adapter_name}': its child_sizes name {untuned[:3]}, which its target_modules do not "
                     "tune in this model; the adapter_config.json does not match the model (or was edited)."
                 )
-        if config.base_fingerprint is None:  # a new adapter: the base it is tuned from
-            config.base_fingerprint = base_fingerprint(self.model)
         if config.mode == "d" and config.selection == "random" and config.child_sizes is None:
             # a random child network of exactly round(p * N) entries, spread over the tensors by their sizes
             sizes = proportional_child_sizes(config.reserve_p, [tensor.numel() for _, _, _, tensor in tensors])
@@ -133,7 +132,7 @@ class ChildTuningModel(BaseTuner):
             check_checkpoint(self.model, config, adapter_name, pending.tensors)
 
     def _prepare_model(self, peft_config: ChildTuningConfig, model: nn.Module) -> None:
-        """Refuse tied targets (`tied_weights`) before peft wraps any module, so a refusal leaves the model as it was."""
+        """Refuse tied targets (`tied_weights`) before peft wraps any module: a refusal leaves the model as it was."""
         super()._prepare_model(peft_config, model)
         targets = [
             (key, module)
@@ -194,7 +193,12 @@ class ChildTuningModel(BaseTuner):
             progress: show a progress bar.
 
         Returns:
-            The number of child entries of each tuned tensor (also stored as the config's `child_sizes`).
+            The number of child entries of each tuned tensor (also stored as the config's `child_sizes`); a tensor
+            whose child network came out empty is not tuned, and not listed.
+
+        Raises:
+            RuntimeError: the adapter already has its child network (a second call), or the model was wrapped in
+                DistributedDataParallel before this call (call it before wrapping).
         """
         adapter_name = adapter_name or self._single_active_adapter()
         config = self.peft_config[adapter_name]
@@ -303,7 +307,13 @@ class ChildTuningModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """The adapter's tensors, with the child values in the base tensor's own dtype (merging is then a scatter)."""
+        """The adapter's tensors, with the child values in the base tensor's own dtype (merging is then a scatter).
+
+        The base fingerprint is recorded here, the first time the adapter is saved, rather than at creation: only
+        now are the modules it saves whole (a head a task model adds after creating the tuner) known, and left out.
+        """
+        if config.base_fingerprint is None:
+            config.base_fingerprint = base_fingerprint(model)
         to_save = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         for prefix, layer in cls._layers_by_state_dict_prefix(model).items():
             for tensor_name in layer.tuned_tensor_names(adapter_name):
@@ -333,9 +343,12 @@ class ChildTuningModel(BaseTuner):
         return super().unload()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """peft's delete_adapter, also for an adapter merged at load: unmerged first, the others merged again."""
+        """peft's delete_adapter, also for an adapter merged when it was loaded for inference: unmerged first, the
+        others merged again. One merged by the user (merge_adapter) is refused, as peft refuses it."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
+        if not self.peft_config[adapter_name].inference_mode:
+            return super().delete_adapter(adapter_name)
         remerge = {}
         for module in self.model.modules():
             if isinstance(module, ChildTuningLayer) and adapter_name in module.merged_adapters:

@@ -12,10 +12,15 @@ the old size:
 - autograd's gradient accumulator of the Parameter, when something keeps it alive (DistributedDataParallel's
   reducer, a graph of an earlier forward): it would expect gradients of the old shape.
   `gradient_accumulator_is_held` tells, so the resize can be refused before anything changes.
+
+A tensor whose child network comes out empty is not tuned at all: its placeholder is dropped from the model and
+`retire`d, and the same pre-hook takes it out of every optimizer created earlier. The optimizer then holds exactly
+the Parameters one created afterwards would, so its state dict fits a run resumed from a checkpoint.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -25,6 +30,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 # every Parameter resized here -> its shape before (weakly keyed: an entry goes with its Parameter)
 _RESIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# the Parameters retired (dropped from their model), and how many retirements each optimizer has been pruned of
+_RETIRED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_retirements = 0
+_PRUNED_AT: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
 
 
 def resize_in_place(parameter: nn.Parameter, data: torch.Tensor) -> None:
@@ -75,8 +84,31 @@ def _fresh_state(optimizer: torch.optim.Optimizer, parameter: nn.Parameter) -> d
     return dict(throwaway.state.get(parameter, {}))
 
 
+def retire(parameter: nn.Parameter) -> None:
+    """Mark a values Parameter the model no longer holds, for the optimizers created earlier to drop it."""
+    global _retirements
+    _RETIRED[parameter] = True
+    _retirements += 1
+
+
+def _drop_retired(optimizer: torch.optim.Optimizer) -> None:
+    if _PRUNED_AT.get(optimizer) == _retirements:
+        return
+    for group in optimizer.param_groups:
+        keep = [parameter not in _RETIRED for parameter in group["params"]]
+        if not all(keep):
+            for parameter, kept in zip(group["params"], keep):
+                if not kept:
+                    optimizer.state.pop(parameter, None)
+            for key in ("params", "param_names"):
+                if key in group:
+                    group[key] = [item for item, kept in zip(group[key], keep) if kept]
+    _PRUNED_AT[optimizer] = _retirements
+
+
 def _rebuild_stale_state(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Before any optimizer step: replace the state built for a Parameter's size before it was resized."""
+    """Before any optimizer step: drop retired Parameters; replace state built for a resized Parameter's old size."""
+    _drop_retired(optimizer)
     for parameter, old_shape in list(_RESIZED.items()):
         state = optimizer.state.get(parameter)
         if state and _state_built_for(state, old_shape):

@@ -168,6 +168,25 @@ def tensor_checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     }
 
 
+def save_with_checksums(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file with a checksum of every tensor in the metadata, written byte-for-byte reproducibly.
+
+    safetensors writes metadata keys in hash-map order, which changes from one process to the next; the header is
+    rewritten here with them sorted (same length), so the same adapter always gives the same file (the Hub then
+    sees an unchanged file as unchanged).
+    """
+    metadata = {**(metadata or {}), CHECKSUMS_METADATA_KEY: json.dumps(tensor_checksums(tensors), sort_keys=True)}
+    data = bytearray(safetensors.torch.save(tensors, metadata=metadata))
+    (header_length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    ordered = json.dumps(header, separators=(",", ":")).encode()
+    if len(ordered) <= header_length:
+        data[8 : 8 + header_length] = ordered.ljust(header_length, b" ")
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
 def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, read into memory once and checked against their stored checksums.
 

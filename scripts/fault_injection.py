@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-mutations", type=int, default=3)
     parser.add_argument("--case", type=int, default=None, help="run only case CASE of this seed, and show it")
     parser.add_argument("--variants", action="store_true", help="also count per mutation variant")
+    parser.add_argument("--matrix", action="store_true",
+                        help="also print, per variant of single-mutation cases and loader, the violation codes")
     parser.add_argument("--examples", type=int, default=3, help="examples kept per violation code and loader")
     parser.add_argument("--quiet", action="store_true", help="no line per violating case")
     parser.add_argument("--json", default=None, help="write the tally as JSON to this file")
@@ -86,6 +88,9 @@ def main(argv=None) -> int:
         elapsed = time.perf_counter() - started
     print()
     print(tally.summary(variants=args.variants))
+    if args.matrix:
+        print()
+        print(tally.matrix())
     print(f"\n{tally.cases} cases ({tally.mutations} mutations) in {elapsed:.1f} s")
     if args.json:
         with open(args.json, "w") as handle:

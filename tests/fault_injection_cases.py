@@ -6,8 +6,9 @@ The contract ("a failed load changes nothing"): whatever is wrong with an adapte
 
 (a) loads exactly the adapter that was saved: the loaded model's outputs are bit-identical (fp32) to the trained
     model's, or
-(b) raises `peft_childtuning.sparse_format.AdapterFormatError` whose message names the file (the adapter directory or
-    one of its files), chained (``__cause__``) to the original exception where there was one, and the user's model
+(b) raises `peft_childtuning.sparse_format.AdapterFormatError` whose message names the file by its path (the adapter
+    directory's path, or a file path inside it: a bare "adapter_config.json" does not say which of several checkpoints
+    was bad), chained (``__cause__``) to the original exception where there was one, and the user's model
     is afterwards exactly what it was (`model_state.ModelState`: module tree, state-dict keys and values, every
     parameter and buffer, ``peft_config``, merged / active adapters of every tuner layer, requires_grad and training
     flags) and still computes the same outputs.
@@ -83,6 +84,7 @@ class Source:
     config: dict[str, Any]  # adapter_config.json, parsed
     weights_bytes: bytes  # adapter_model.safetensors as saved
     tensors: dict[str, torch.Tensor]  # its tensors
+    metadata: Optional[dict[str, str]]  # its safetensors __metadata__ (with the package's checksums, if it writes any)
     base_keys: dict[str, list[tuple[str, tuple[int, ...], torch.dtype]]]  # added-tensor candidates by kind
     base: torch.nn.Module = None  # the user's base model (eval); every loader gets a deep copy
     host_new: torch.nn.Module = None  # PeftModel with host_dir merged (adapter "default")
@@ -104,7 +106,8 @@ def outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def _train(model, arch: conftest.TinyArch, steps: int, seed: int, save_after: Optional[dict[int, str]] = None):
-    if model.peft_config[model.active_adapter].needs_fisher_pass:
+    config = model.peft_config[model.active_adapter]
+    if config.mode == "d" and config.selection == "fisher" and not config.child_sizes:
         model.detect_child_network(arch.batches(2, seed=20), progress=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-6)
     for step, batch in enumerate(arch.batches(steps, seed=seed), start=1):
@@ -157,7 +160,8 @@ def prepare_sources(root: str, names: tuple[str, ...] = ("bert_d", "bert_f", "gp
         base_dir = bases[arch_name]
         src = Source(name=name, arch=arch_name, mode=mode, base_dir=base_dir, adapter_dir=os.path.join(root, name),
                      step1_dir=os.path.join(root, f"{name}_step1"), host_dir=os.path.join(root, f"{arch_name}_host"),
-                     batch={}, trained_out=None, config={}, weights_bytes=b"", tensors={}, base_keys={})
+                     batch={}, trained_out=None, config={}, weights_bytes=b"", tensors={}, metadata=None,
+                     base_keys={})
         batch = {k: v for k, v in arch.batches(1, seed=40)[0].items() if k != "labels"}
         batch["attention_mask"][1, 5:] = 0  # some padding, so masked positions are exercised too
         src.batch = batch
@@ -165,8 +169,8 @@ def prepare_sources(root: str, names: tuple[str, ...] = ("bert_d", "bert_f", "gp
         trained = _train(conftest.peft_model(src.load_base(), **kwargs), arch, steps=2, seed=21,
                          save_after={1: src.step1_dir, 2: src.adapter_dir})
         src.trained_out = outputs(trained, batch)
-        src.base_keys = {kind: [entry for entry in entries if entry[0] not in trained.state_dict() and
-                                entry[0] not in _saved_keys(src.adapter_dir)]
+        saved_keys = _saved_keys(src.adapter_dir)  # adding one of those would only replace its values
+        src.base_keys = {kind: [entry for entry in entries if entry[0] not in saved_keys]
                          for kind, entries in _candidate_keys(src.load_base(), trained).items()}
         src.base_keys = {kind: entries for kind, entries in src.base_keys.items() if entries}
         if not os.path.exists(src.host_dir):
@@ -179,6 +183,7 @@ def prepare_sources(root: str, names: tuple[str, ...] = ("bert_d", "bert_f", "gp
         with open(os.path.join(src.adapter_dir, WEIGHTS), "rb") as handle:
             src.weights_bytes = handle.read()
         src.tensors = safetensors_load(src.weights_bytes)
+        src.metadata = parse_header(src.weights_bytes)[0].get("__metadata__")
         src.base = src.load_base()
         src.host_new = PeftModel.from_pretrained(src.load_base(), src.host_dir)
         src.host_same = PeftModel.from_pretrained(src.load_base(), src.step1_dir)
@@ -240,9 +245,25 @@ class Case:
     loader: str
     mutations: list[Mutation]
     files: dict[str, Optional[bytes]]  # file name -> contents (None: absent)
+    signing: str = ""  # how the checksums of re-written tensors were written (see `SIGNINGS`), "" if none were
 
     def describe(self) -> str:
-        return f"[{self.source} / {self.loader}] " + " + ".join(map(str, self.mutations))
+        signing = f" [checksums {self.signing}]" if self.signing else ""
+        return f"[{self.source} / {self.loader}] " + " + ".join(map(str, self.mutations)) + signing
+
+
+# When tensors are rewritten (stage 1), the file's checksums (if the package stores any in the safetensors metadata)
+# are either kept as they were (now stale: a corruption the checksums should catch), dropped (an unchecked file, as
+# written before checksums existed), or recomputed for the new tensors (a consistent file with bad contents, as a
+# buggy or hostile writer would produce: only the package's own checks of the contents can catch it).
+SIGNINGS = ("stale", "dropped", "resigned")
+
+
+def _checksum_support() -> tuple[Optional[str], Optional[Callable[[dict[str, torch.Tensor]], dict[str, str]]]]:
+    """(metadata key, checksum function) of the package's tensor checksums, if it has them."""
+    from peft_childtuning import sparse_format
+
+    return getattr(sparse_format, "CHECKSUMS_METADATA_KEY", None), getattr(sparse_format, "tensor_checksums", None)
 
 
 class Workspace:
@@ -254,7 +275,9 @@ class Workspace:
         self.config_text: Optional[bytes] = None  # set once the file itself is mutated (then authoritative)
         self.config_present = True
         self.tensors = dict(source.tensors)
-        self.metadata: Optional[dict[str, str]] = {"format": "pt"}
+        self.metadata: Optional[dict[str, str]] = copy.deepcopy(source.metadata)
+        self.metadata_modified = False
+        self.signing = "stale"
         self.tensors_modified = False
         self.weights: Optional[bytes] = None  # set once the bytes are mutated (then authoritative)
         self.weights_present = True
@@ -291,11 +314,22 @@ class Workspace:
     # -------------------------------------------------------------------------------------------- bytes
     def weights_bytes(self) -> bytes:
         if self.weights is None:
-            if not self.tensors_modified and self.metadata == {"format": "pt"}:
+            if not self.tensors_modified and not self.metadata_modified:
                 self.weights = self.source.weights_bytes
             else:
-                self.weights = safetensors_save(self.tensors, metadata=self.metadata)
+                self.weights = safetensors_save(self.tensors, metadata=self._metadata_to_write())
         return self.weights
+
+    def _metadata_to_write(self) -> Optional[dict[str, str]]:
+        metadata = self.metadata
+        key, checksums = _checksum_support()
+        if self.metadata_modified or not metadata or key is None or key not in metadata:
+            return metadata
+        if self.signing == "dropped":
+            return {name: value for name, value in metadata.items() if name != key}
+        if self.signing == "resigned" and checksums is not None:
+            return {**metadata, key: json.dumps(checksums(self.tensors), sort_keys=True)}
+        return metadata
 
     def config_bytes(self) -> bytes:
         if self.config_text is None:
@@ -414,7 +448,8 @@ def mutate_child_sizes(draw: Draw, ws: Workspace) -> tuple[str, str]:
             ws.config["child_sizes"] = None
         else:
             ws.config["child_sizes"] = {}
-        return variant, f"{key}: {old!r} -> {ws.config['child_sizes'] if variant.startswith('all') else sizes.get(key, '<deleted>')!r}"
+        new = ws.config["child_sizes"] if variant.startswith("all") else sizes.get(key, "<deleted>")
+        return variant, f"{key}: {old!r} -> {new!r}"
     variant = draw.choice(["set_fake", "set_empty", "set_string"])
     if variant == "set_fake":
         ws.config["child_sizes"] = {key: draw.choice([0, 5, 10**12]) for key in tuned_keys}
@@ -519,7 +554,8 @@ def mutate_config_file(draw: Draw, ws: Workspace) -> tuple[str, str]:
     if variant == "delete":
         ws.config_present = False
         return variant, "adapter_config.json removed"
-    ws.config_text = {"empty": b"", "json_list": b"[]", "json_null": b"null", "utf16": text.decode("utf-8", "replace").encode("utf-16"),
+    ws.config_text = {"empty": b"", "json_list": b"[]", "json_null": b"null",
+                      "utf16": text.decode("utf-8", "replace").encode("utf-16"),
                       "bom": b"\xef\xbb\xbf" + text}[variant]
     return variant, variant
 
@@ -687,11 +723,42 @@ def set_values(draw: Draw, ws: Workspace) -> tuple[str, str]:
 
 
 def mutate_metadata(draw: Draw, ws: Workspace) -> tuple[str, str]:
-    variant = draw.choice(["drop", "format_tf", "format_garbage", "extra_key"])
-    ws.metadata = {"drop": None, "format_tf": {"format": "tf"}, "format_garbage": {"format": "\u00ff\u0000x"},
-                   "extra_key": {"format": "pt", "childtuning": "1"}}[variant]
-    ws.tensors_modified = True
-    return variant, f"__metadata__ -> {ws.metadata!r}"
+    """Edit the safetensors __metadata__ (the tensors stay as they are, so any checksums in it still match them)."""
+    key, _ = _checksum_support()
+    base = dict(ws.metadata or {})
+    variants = ["drop", "format_tf", "format_garbage", "extra_key"]
+    if key is not None and key in base:
+        variants += ["drop_checksums", "checksums_garbage", "checksums_not_object", "checksum_flipped",
+                     "checksum_missing_entry", "checksum_extra_entry"]
+    variant = draw.choice(variants)
+    if variant == "drop":
+        metadata = None
+    elif variant == "format_tf":
+        metadata = {**base, "format": "tf"}
+    elif variant == "format_garbage":
+        metadata = {**base, "format": "\u00ff\u0000x"}
+    elif variant == "extra_key":
+        metadata = {**base, "childtuning": "1"}
+    elif variant == "drop_checksums":
+        metadata = {name: value for name, value in base.items() if name != key}
+    elif variant == "checksums_garbage":
+        metadata = {**base, key: "{not json"}
+    elif variant == "checksums_not_object":
+        metadata = {**base, key: "[1, 2]"}
+    else:
+        recorded = json.loads(base[key])
+        name = draw.choice(sorted(recorded))
+        if variant == "checksum_flipped":
+            recorded[name] = f"{int(recorded[name], 16) ^ 1:08x}"
+        elif variant == "checksum_missing_entry":
+            del recorded[name]
+        else:
+            recorded[f"{name}.extra"] = recorded[name]
+        metadata = {**base, key: json.dumps(recorded, sort_keys=True)}
+    ws.metadata = metadata
+    ws.metadata_modified = True
+    shown = {name: (value if name != key else f"<{len(value)} chars>") for name, value in (metadata or {}).items()}
+    return variant, f"__metadata__ -> {shown if metadata is not None else None!r}"
 
 
 # ------------------------------------------------------------------------------------------------ stage 2: header
@@ -873,7 +940,8 @@ def pickle_file(draw: Draw, ws: Workspace) -> tuple[str, str]:
     ws.pickle = buffer.getvalue()
     if variant.startswith("instead"):
         ws.weights_present = False
-    return variant, f"{PICKLE} ({len(ws.pickle)} bytes) {'instead of' if variant.startswith('instead') else 'next to'} {WEIGHTS}"
+    where = "instead of" if variant.startswith("instead") else "next to"
+    return variant, f"{PICKLE} ({len(ws.pickle)} bytes) {where} {WEIGHTS}"
 
 
 def remove_weights(draw: Draw, ws: Workspace) -> tuple[str, str]:
@@ -926,6 +994,9 @@ def draw_case(draw: Draw, source: Source, loaders: list[str], min_mutations: int
     pool = kinds or _WEIGHTED_KINDS
     names = sorted((draw.choice(pool) for _ in range(count)), key=lambda name: (KINDS_BY_NAME[name].stage, name))
     ws = Workspace(source)
+    rewrites_tensors = any(KINDS_BY_NAME[name].stage == 1 and name != "t_metadata" for name in names)
+    if rewrites_tensors:
+        ws.signing = draw.choice(SIGNINGS)
     mutations = []
     for name in names:
         kind = KINDS_BY_NAME[name]
@@ -934,7 +1005,9 @@ def draw_case(draw: Draw, source: Source, loaders: list[str], min_mutations: int
         else:
             variant, detail = kind.apply(draw, ws)
         mutations.append(Mutation(name, variant, detail))
-    return Case(source.name, loader, mutations, ws.files())
+    key, _ = _checksum_support()
+    signed = rewrites_tensors and key is not None and key in (source.metadata or {})
+    return Case(source.name, loader, mutations, ws.files(), ws.signing if signed else "")
 
 
 def case_strategy(source: Source, loaders: list[str], min_mutations: int = 1, max_mutations: int = 3):
@@ -1040,7 +1113,9 @@ def _error_text(error: BaseException) -> str:
 
 
 def _names_file(message: str, path: str) -> bool:
-    return path in message or any(name in message for name in ADAPTER_FILES)
+    """Whether an error message names the adapter's location: its directory, or a file in it, by path (a bare
+    "adapter_config.json" does not tell which of several checkpoints was bad)."""
+    return any(candidate in message for candidate in {path, os.path.realpath(path), os.path.abspath(path)})
 
 
 def _chain_problem(error: BaseException) -> Optional[str]:
@@ -1139,11 +1214,14 @@ class Tally:
         self.by_kind: dict[str, Counter] = defaultdict(Counter)
         self.by_variant: dict[str, Counter] = defaultdict(Counter)
         self.by_source: dict[str, Counter] = defaultdict(Counter)
+        self.by_signing: dict[str, Counter] = defaultdict(Counter)
         self.violation_codes: dict[str, Counter] = defaultdict(Counter)  # code -> loader -> count
         self.violation_kinds: dict[str, Counter] = defaultdict(Counter)  # code -> kind (single-mutation cases)
         self.examples: dict[tuple[str, str], list[Result]] = defaultdict(list)
         self.examples_per_violation = examples_per_violation
         self.notes: dict[str, Counter] = defaultdict(Counter)  # note -> loader -> count
+        # single-mutation cases: (variant, loader) -> outcome / violation code -> count
+        self.single: dict[tuple[str, str], Counter] = defaultdict(Counter)
 
     def add(self, result: Result) -> None:
         case = result.case
@@ -1153,11 +1231,16 @@ class Tally:
         self.outcomes[result.outcome] += 1
         self.by_loader[case.loader][result.outcome] += 1
         self.by_source[case.source][result.outcome] += 1
+        self.by_signing[case.signing or "(no tensor rewritten, or no checksums)"][result.outcome] += 1
         for mutation in case.mutations:
             self.by_kind[mutation.kind][result.outcome] += 1
             self.by_variant[f"{mutation.kind}:{mutation.variant}"][result.outcome] += 1
         for note in result.notes:
             self.notes[note][case.loader] += 1
+        if len(case.mutations) == 1:
+            cell = self.single[(f"{case.mutations[0].kind}:{case.mutations[0].variant}", case.loader)]
+            cell[f"<{result.outcome}>"] += 1
+            cell.update({code for code, _ in result.violations})
         for code in sorted({code for code, _ in result.violations}):
             self.violation_codes[code][case.loader] += 1
             if len(case.mutations) == 1:
@@ -1174,8 +1257,10 @@ class Tally:
         self.outcomes.update(other.outcomes)
         for mine, theirs in ((self.by_loader, other.by_loader), (self.by_kind, other.by_kind),
                              (self.by_variant, other.by_variant), (self.by_source, other.by_source),
+                             (self.by_signing, other.by_signing),
                              (self.violation_codes, other.violation_codes),
-                             (self.violation_kinds, other.violation_kinds), (self.notes, other.notes)):
+                             (self.violation_kinds, other.violation_kinds), (self.notes, other.notes),
+                             (self.single, other.single)):
             for key, counter in theirs.items():
                 mine[key].update(counter)
         for key, results in other.examples.items():
@@ -1191,7 +1276,7 @@ class Tally:
             lines.append(f"{key:<{width}}" + "".join(f"{rows[key][c]:>17}" for c in columns))
         return lines
 
-    def summary(self, details: bool = True, variants: bool = False) -> str:
+    def summary(self, details: bool = True, variants: bool = False, examples_shown: int = 2) -> str:
         lines = [
             f"fault injection: {self.cases} cases, {self.mutations} mutations, {self.seconds:.1f} s in loads/checks",
             "  " + ", ".join(f"{name}: {self.outcomes[name]}" for name in ("loaded_exactly", "refused_cleanly",
@@ -1200,15 +1285,17 @@ class Tally:
         ]
         lines += self._table("per loader", self.by_loader) + [""]
         lines += self._table("per source", self.by_source) + [""]
+        lines += self._table("checksums of rewritten tensors", self.by_signing) + [""]
         lines += self._table("per mutation kind (cases containing it)", self.by_kind) + [""]
         if variants:
             lines += self._table("per mutation variant", self.by_variant) + [""]
         for note, counter in sorted(self.notes.items()):
-            lines.append(f"note {note}: {sum(counter.values())}  [{', '.join(f'{k}={v}' for k, v in sorted(counter.items()))}]")
+            per_loader = ", ".join(f"{loader}={count}" for loader, count in sorted(counter.items()))
+            lines.append(f"note {note}: {sum(counter.values())}  [{per_loader}]")
         if self.violation_codes:
             lines.append("violations (cases per code and loader):")
             for code in sorted(self.violation_codes):
-                per_loader = ", ".join(f"{loader}={count}" for loader, count in sorted(self.violation_codes[code].items()))
+                per_loader = ", ".join(f"{loader}={n}" for loader, n in sorted(self.violation_codes[code].items()))
                 lines.append(f"  {code}: {sum(self.violation_codes[code].values())}  [{per_loader}]")
                 if self.violation_kinds.get(code):
                     top = ", ".join(f"{kind}={n}" for kind, n in self.violation_kinds[code].most_common(12))
@@ -1217,10 +1304,30 @@ class Tally:
                 lines.append("")
                 lines.append("examples (fewest mutations first):")
                 for (code, loader), results in sorted(self.examples.items()):
-                    for result in results[:2]:
+                    for result in results[:examples_shown]:
                         detail = next(d for c, d in result.violations if c == code)
                         lines.append(f"  {code} <- {result.case.describe()}")
                         lines.append(f"      {detail[:300]}")
+        return "\n".join(lines)
+
+    def matrix(self) -> str:
+        """Per single-mutation variant and loader: how many cases, how they ended, which violation codes (the
+        model_changed:* fields folded into one entry)."""
+        lines = ["single-mutation cases: variant | loader: cases (exact/refused/violating) codes"]
+        for variant in sorted({variant for variant, _ in self.single}):
+            lines.append(variant)
+            for loader in LOADER_NAMES:
+                cell = self.single.get((variant, loader))
+                if not cell:
+                    continue
+                changed = sorted(code.split(":", 1)[1] for code in cell if code.startswith("model_changed:"))
+                codes = [f"{code}={n}" if n != cell["<violation>"] else code
+                         for code, n in sorted(cell.items()) if not code.startswith(("<", "model_changed:"))]
+                if changed:
+                    codes.append(f"model_changed[{','.join(changed)}]")
+                total = sum(cell[f"<{name}>"] for name in ("loaded_exactly", "refused_cleanly", "violation"))
+                lines.append(f"    {loader:<28} {total:>4} ({cell['<loaded_exactly>']}/{cell['<refused_cleanly>']}/"
+                             f"{cell['<violation>']}) {' '.join(codes)}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -1228,9 +1335,12 @@ class Tally:
             "cases": self.cases, "mutations": self.mutations, "outcomes": dict(self.outcomes),
             "by_loader": {k: dict(v) for k, v in self.by_loader.items()},
             "by_kind": {k: dict(v) for k, v in self.by_kind.items()},
+            "by_signing": {k: dict(v) for k, v in self.by_signing.items()},
             "by_variant": {k: dict(v) for k, v in self.by_variant.items()},
             "violations": {k: dict(v) for k, v in self.violation_codes.items()},
             "notes": {k: dict(v) for k, v in self.notes.items()},
+            "single_mutation_matrix": {f"{variant} | {loader}": dict(cell)
+                                       for (variant, loader), cell in self.single.items()},
             "violations_by_variant": {k: dict(v) for k, v in self.violation_kinds.items()},
             "examples": {f"{code} | {loader}": [r.report() for r in results]
                          for (code, loader), results in self.examples.items()},

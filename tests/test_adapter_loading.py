@@ -77,7 +77,8 @@ def params(model) -> dict[str, torch.Tensor]:
 def child_weight(base_weight: torch.Tensor, layer: ChildTuningLayer, adapter: str) -> torch.Tensor:
     """The base weight with the adapter's child values written in (in the base dtype): the merged weight."""
     flat = base_weight.detach().clone().reshape(-1)
-    flat[positions_of(layer, adapter)] = layer.childtuning_values[adapter].detach().to(flat.dtype)
+    if "weight" in layer.tuned_tensor_names(adapter):  # else its child network came out empty
+        flat[positions_of(layer, adapter)] = layer.childtuning_values[adapter].detach().to(flat.dtype)
     return flat.view_as(base_weight)
 
 
@@ -148,7 +149,9 @@ def test_is_trainable_loads_unmerged_and_trainable(bert):
     model = PeftModel.from_pretrained(load_bert(bert["base"]), bert["A"], is_trainable=True)
     assert not any(layer.merged for layer in child_layers(model).values())
     assert torch.equal(logits(model, bert["batch"]), bert["A_out"])
-    assert all(layer.childtuning_values["default"].requires_grad for layer in child_layers(model).values())
+    values = [values for layer in child_layers(model).values() for values in layer.childtuning_values.values()]
+    assert len(values) == len(model.peft_config["default"].child_sizes)
+    assert all(parameter.requires_grad for parameter in values)
     assert_base_tensors_equal(model, bert["base_params"])
 
 

@@ -51,7 +51,8 @@ def references():
     runs = {mode: worker.reference_run(mode) for mode in ("d", "f")}
     for mode, run in runs.items():  # the reference itself trained
         untrained = worker.trainable_state(worker.make_model(mode))
-        assert any(not torch.equal(untrained[name], run["state"][name]) for name in untrained if "childtuning" in name)
+        trained = {name: tensor for name, tensor in run["state"].items() if "childtuning" in name}
+        assert trained and any(not torch.equal(untrained[name], tensor) for name, tensor in trained.items())
     return runs
 
 
@@ -80,8 +81,9 @@ def test_fisher_scores_are_summed_over_processes_before_selection(results, refer
     assert_same_positions(rank0["positions"], references["d"]["positions"])
     total = sum(p.numel() for p in rank0["positions"].values())
     assert total == round(worker.P * 16384)
-    # every position encoding is in play, the uint16 one included, which DDP must not broadcast over gloo
-    assert rank0["encodings"] == ["bitmap", "gap16", "int32"]
+    # the uint16 gap16 encoding is in play, which DDP must not broadcast over gloo (int32 never wins on tensors this
+    # small: every gap fits in 16 bits)
+    assert rank0["encodings"] == ["bitmap", "gap16"]
     # one positions buffer per tuned weight (the weights whose child network came out empty are not tuned)
     assert len(rank0["ddp_ignores"]) == len(rank0["positions"]) < 12
     assert all(".childtuning_positions." in n for n in rank0["ddp_ignores"])

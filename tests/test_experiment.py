@@ -74,7 +74,9 @@ def test_every_method_and_seed_has_its_json(smoke_run) -> None:
             network = record["child_network"]
             total = sum(network["numel"].values())
             assert abs(sum(network["sizes"].values()) - record["reserve_p"] * total) <= 1  # k = round(p * N)
-            assert len(network["sizes"]) == 6 * 16  # every weight, bias and LayerNorm of MiniLM's 6 blocks
+            assert len(network["numel"]) == 6 * 16  # every weight, bias and LayerNorm of MiniLM's 6 blocks
+            # the tuned ones: a tensor whose child network came out empty is not tuned
+            assert set(network["sizes"]) <= set(network["numel"]) and all(network["sizes"].values())
         if record["method"] != "ct_d_prune":
             assert record["training"]["steps"] == 1 and len(record["training"]["epoch_losses"]) == 1
 

@@ -4,8 +4,9 @@
     the Fisher pass) holds the empty placeholders, which are resized in place; every torch optimizer must then train
     the child values, those that build their state in the constructor (Adagrad) included.
 (b) A tensor whose child network comes out empty is not tuned at all: no 0-element Parameter (torch's Adafactor
-    divides by its size), nothing in child_sizes or in the file; such adapters save and load with identical outputs,
-    and adapters written by 0.1.0 (0 entries in child_sizes, 0-element tensors in the file) still load.
+    divides by its size), nothing in child_sizes or in the file; such adapters save and load with identical outputs
+    (PeftModel, and accelerate's save_state / load_state), and adapters written by 0.1.0 (0 entries in child_sizes,
+    0-element tensors in the file) still load.
 (c) A second `detect_child_network` on an adapter that has its child network is refused.
 (d) `detect_child_network` after wrapping the model in DistributedDataParallel is refused with what to do instead
     (real DDP, on a one-process gloo group).
@@ -24,7 +25,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from peft_childtuning.model import tuned_tensors
 
-from conftest import ARCHS, base_weights, child_layers, peft_model, positions_of, tiny_bert, train_steps, trainable_parameters
+from conftest import (
+    ARCHS,
+    base_weights,
+    child_layers,
+    peft_model,
+    positions_of,
+    tiny_bert,
+    train_steps,
+    trainable_parameters,
+)
 
 BERT = ARCHS["bert"]
 # tiny BERT has 12 targeted matrices of 16384 entries: 8 child entries leave several matrices with none
@@ -97,13 +107,41 @@ def test_optimizer_created_before_the_fisher_pass_trains_the_child_values(name):
     optimizer = getattr(torch.optim, name)(trainable_parameters(model), lr=1e-2)  # as the Trainer: before the pass
     assert any(parameter.numel() == 0 for parameter in trainable_parameters(model))  # the placeholders
     model.detect_child_network(BERT.batches(2, seed=10), progress=False)
+    assert len(model.peft_config["default"].child_sizes) < 12, "expected some tensors without child entries"
     base, before = base_weights(model), child_values(model)
     train_steps(model, optimizer, BERT.batches(3, seed=11))
     assert_only_child_entries_moved(model, base, before)
+    # the placeholders of the tensors left empty have left the optimizer: it holds what one created now would
+    held = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    assert [id(parameter) for parameter in held] == [id(parameter) for parameter in trainable_parameters(model)]
     for parameter in trainable_parameters(model):  # the state the optimizer keeps fits the resized Parameters
         for value in optimizer.state[parameter].values():
             if isinstance(value, torch.Tensor) and value.dim() == 1:
                 assert value.shape == parameter.shape
+
+
+def test_the_trainers_adagrad_created_before_the_callbacks_fisher_pass_trains(tmp_path):
+    """The Trainer path itself: its optimizer (Adagrad, wrapped by accelerate) exists before on_train_begin."""
+    from transformers import Trainer, TrainingArguments
+
+    from peft_childtuning import ChildTuningCallback
+
+    model = make_model()
+    examples = [{key: value[i] for key, value in batch.items()} for batch in BERT.batches(3, seed=15) for i in range(4)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2, optim="adagrad",
+        use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=examples, callbacks=[ChildTuningCallback()])
+    base = base_weights(model)
+    trainer.train()
+    assert trainer.state.global_step == 3 and len(model.peft_config["default"].child_sizes) < 12
+    started_at = {  # each tuned tensor's child values started at the base's entries
+        layer.tensor_key("weight"): base[layer.tensor_key("weight")].reshape(-1)[positions_of(layer).long()]
+        for layer in child_layers(model).values()
+        if "weight" in layer.tuned_tensor_names("default")
+    }
+    assert_only_child_entries_moved(model, base, started_at)
 
 
 def test_state_that_fits_the_resized_parameters_is_left_alone():
@@ -192,20 +230,40 @@ def test_an_adapter_with_empty_children_trains_with_adafactor_saves_and_loads(se
     saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
     assert not [key for key, tensor in saved.items() if tensor.numel() == 0]
     child_modules = {key.rsplit(".", 1)[0] for key in model.peft_config["default"].child_sizes}
-    assert {key.split(".childtuning_")[0].removeprefix("base_model.model.") for key in saved if "childtuning_" in key} == (
-        child_modules
-    )
+    saved_modules = {key.split(".childtuning_")[0] for key in saved if "childtuning_" in key}
+    assert {name.removeprefix("base_model.model.") for name in saved_modules} == child_modules
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
     assert loaded.peft_config["default"].child_sizes == model.peft_config["default"].child_sizes
     assert torch.equal(logits(loaded), expected)
     assert not [name for name, parameter in loaded.named_parameters() if parameter.numel() == 0]
 
 
+def test_accelerate_save_state_and_load_state_round_trip_with_empty_children(tmp_path):
+    """accelerate's checkpoints (safetensors) lost the 0-element tensors, and load_state then missed their keys."""
+    from accelerate import Accelerator
+
+    def prepared():
+        model = empty_child_model("fisher")
+        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+        accelerator = Accelerator(cpu=True)
+        return accelerator, *accelerator.prepare(model, optimizer)
+
+    accelerator, model, optimizer = prepared()
+    train_steps(model, optimizer, BERT.batches(2, seed=11))
+    expected = logits(model)
+    accelerator.save_state(str(tmp_path))
+    accelerator, restored, _ = prepared()
+    assert not torch.equal(logits(restored), expected)
+    accelerator.load_state(str(tmp_path))
+    assert torch.equal(logits(restored), expected)
+
+
 def test_an_adapter_saved_by_0_1_0_with_zero_child_sizes_still_loads():
     """Written by peft_childtuning 0.1.0: 0 entries in child_sizes and 0-element child tensors in the file."""
     with open(os.path.join(LEGACY_ADAPTER, "adapter_config.json")) as handle:
         assert '": 0,' in handle.read()
-    assert any(tensor.numel() == 0 for tensor in load_file(os.path.join(LEGACY_ADAPTER, "adapter_model.safetensors")).values())
+    legacy_file = load_file(os.path.join(LEGACY_ADAPTER, "adapter_model.safetensors"))
+    assert any(tensor.numel() == 0 for tensor in legacy_file.values())
     loaded = PeftModel.from_pretrained(tiny_bert(), LEGACY_ADAPTER)
     expected = load_file(os.path.join(LEGACY_ADAPTER, "expected_logits.safetensors"))["logits"]
     inputs = {key: value for key, value in BERT.batches(1, seed=42)[0].items() if key != "labels"}
