@@ -1,8 +1,9 @@
 """Loading an adapter is one transaction with one owner: check everything, then change the model, or change nothing.
 
 Every loader of a saved adapter goes through `load_transaction`: ``PeftModel.from_pretrained`` (and with it
-``AutoPeftModelFor*`` and the CLI), ``PeftModel.load_adapter`` (and with it a Trainer resuming) and transformers'
-``PreTrainedModel.load_adapter``, which ``import peft_childtuning`` wraps (`install`). The transaction
+``AutoPeftModelFor*``, whose own errors reading the config become `AdapterFormatError` too, and the CLI),
+``PeftModel.load_adapter`` (and with it a Trainer resuming) and transformers' ``PreTrainedModel.load_adapter``,
+which ``import peft_childtuning`` wraps (`install`). The transaction
 
 1. finds the adapter's folder (a Hub repo is downloaded first: config and weights of one commit, safetensors only),
 2. reads ``adapter_model.safetensors`` into memory once and checks every tensor against its stored checksum,
@@ -194,6 +195,11 @@ def check_checkpoint(
 
     for key, tensor in given.items():
         if key in expected:
+            if not _is_saved_form(key, checkpoint):
+                raise AdapterFormatError(
+                    f"the file holds {key} without peft's prefix {PEFT_PREFIX!r}, so no loader would load it into "
+                    "the adapter; the file was not written by save_pretrained. Save the adapter again."
+                )
             continue
         if key in saved_whole:
             _check_saved_whole(key, tensor, saved_whole[key])
@@ -255,6 +261,11 @@ def check_checkpoint(
         from .model import record_child_network
 
         record_child_network(model, config, adapter_name)
+
+
+def _is_saved_form(key: str, checkpoint: dict[str, torch.Tensor]) -> bool:
+    """Whether a child tensor is named as save_pretrained names it (with peft's prefix)."""
+    return f"{PEFT_PREFIX}{key}" in checkpoint
 
 
 def _check_values(
@@ -427,8 +438,9 @@ def _saved_config(folder: str) -> dict[str, Any]:
     return config
 
 
-def read_checkpoint(folder: str) -> tuple[str, dict[str, torch.Tensor]]:
-    """(weights path, tensors) of the adapter saved in `folder`, checked against its checksums; safetensors only."""
+def read_checkpoint(folder: str) -> tuple[str, dict[str, torch.Tensor], bool]:
+    """(weights path, tensors, whether it has checksums) of the adapter saved in `folder`, checked against its
+    checksums; safetensors only."""
     path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
@@ -439,12 +451,20 @@ def read_checkpoint(folder: str) -> tuple[str, dict[str, torch.Tensor]]:
                 "'adapter_model.safetensors')`."
             )
         raise AdapterFormatError(f"{folder}: has no {SAFETENSORS_WEIGHTS_NAME}; save the adapter again.")
-    return path, read_adapter_weights(path)
+    return (path, *read_adapter_weights(path))
 
 
-def _check_saved_config(folder: str, tensors: dict[str, torch.Tensor], ignore_base_mismatch: bool) -> dict[str, Any]:
+def _check_saved_config(
+    folder: str, tensors: dict[str, torch.Tensor], has_checksums: bool, ignore_base_mismatch: bool
+) -> dict[str, Any]:
     """The saved config, refused where a loaded config could hide a problem the tensors reveal."""
     saved = _saved_config(folder)
+    fingerprint = saved.get("base_fingerprint")
+    if isinstance(fingerprint, dict) and "version" in fingerprint and not has_checksums:
+        raise AdapterFormatError(
+            f"{os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)}: saved by a version of peft_childtuning that stores a "
+            "checksum of every tensor, but the file has none: it was altered after it was saved. Save it again."
+        )
     carries_child_network = any(
         key.rpartition(".")[2] in _CONTAINER_NAMES and tensor.numel() for key, tensor in tensors.items()
     )
@@ -470,16 +490,32 @@ def _is_childtuning_folder(folder: str) -> bool:
         return False
 
 
-def _holds_childtuning_weights(folder: str) -> bool:
-    """Whether the folder's safetensors file holds Child-Tuning tensors (read from its header only)."""
-    from safetensors import safe_open
+def _is_other_method(folder: str) -> bool:
+    """Whether the folder holds another peft method's adapter: a readable config of another known type, and no
+    Child-Tuning tensors. Anything else in a folder (ours, or a config missing, unreadable or of no known type) is
+    loaded, or refused with an `AdapterFormatError`, here."""
+    from peft.utils import PeftType
 
+    try:
+        peft_type = _saved_config(folder).get("peft_type")
+    except AdapterFormatError:
+        return False
+    known = isinstance(peft_type, str) and peft_type in PeftType.__members__
+    return known and peft_type != PEFT_TYPE_NAME and not _holds_childtuning_weights(folder)
+
+
+def _holds_childtuning_weights(folder: str) -> bool:
+    """Whether the folder's safetensors header names Child-Tuning tensors (read as bytes: even a corrupted header
+    that names them makes the folder ours to refuse)."""
     path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
     try:
-        with safe_open(path, framework="pt") as handle:
-            return any(key.rpartition(".")[2] in _CONTAINER_NAMES for key in handle.keys())
-    except Exception:  # not a readable safetensors file: not recognisably ours either
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            header = handle.read(min(length, 100 * 1024 * 1024))
+    except OSError:
         return False
+    return any(name.encode() in header for name in _CONTAINER_NAMES)
 
 
 def adapter_folder(model_id: str | os.PathLike, config: Any, hub_kwargs: dict[str, Any]) -> Optional[str]:
@@ -487,8 +523,8 @@ def adapter_folder(model_id: str | os.PathLike, config: Any, hub_kwargs: dict[st
     not a Child-Tuning adapter (then peft's own loader handles it)."""
     model_id = os.fspath(model_id)
     local = os.path.join(model_id, hub_kwargs.get("subfolder") or "")
-    if os.path.isfile(os.path.join(local, CONFIG_NAME)):
-        if isinstance(config, ChildTuningConfig) or _is_childtuning_folder(local) or _holds_childtuning_weights(local):
+    if os.path.isdir(local):
+        if isinstance(config, ChildTuningConfig) or not _is_other_method(local):
             return local
         return None
     if os.path.isdir(model_id) or (config is not None and not isinstance(config, ChildTuningConfig)):
@@ -522,8 +558,8 @@ def _peft_from_pretrained(cls: type, model: nn.Module, model_id: Any, *args: Any
     folder = adapter_folder(model_id, config, bound.get("kwargs", {}))
     if folder is None:
         return _ORIGINALS["from_pretrained"](cls, model, model_id, *args, **kwargs)
-    path, tensors = read_checkpoint(folder)
-    _check_saved_config(folder, tensors, _runtime_ignore(config, bound.get("kwargs", {})))
+    path, tensors, has_checksums = read_checkpoint(folder)
+    _check_saved_config(folder, tensors, has_checksums, _runtime_ignore(config, bound.get("kwargs", {})))
     call = {key: value for key, value in bound.items() if key not in ("cls", "model", "model_id", "kwargs")}
     call.update({key: value for key, value in bound.get("kwargs", {}).items() if key not in _HUB_ARGUMENTS})
     with load_transaction(model, path, adapter_name, tensors):
@@ -541,8 +577,8 @@ def _peft_load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, 
     folder = adapter_folder(model_id, existing, bound.get("kwargs", {}))
     if folder is None:
         return _ORIGINALS["load_adapter"](self, model_id, adapter_name, *args, **kwargs)
-    path, tensors = read_checkpoint(folder)
-    saved = _check_saved_config(folder, tensors, _runtime_ignore(existing, bound.get("kwargs", {})))
+    path, tensors, has_checksums = read_checkpoint(folder)
+    saved = _check_saved_config(folder, tensors, has_checksums, _runtime_ignore(existing, bound.get("kwargs", {})))
     call = {key: value for key, value in bound.items() if key not in ("self", "model_id", "adapter_name", "kwargs")}
     call.update({key: value for key, value in bound.get("kwargs", {}).items() if key not in _HUB_ARGUMENTS})
     with load_transaction(self, path, adapter_name, tensors):
@@ -551,6 +587,24 @@ def _peft_load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, 
             if existing.base_fingerprint is None:  # never saved: it takes the checked one of its checkpoint
                 existing.base_fingerprint = saved.get("base_fingerprint")
         return _ORIGINALS["load_adapter"](self, folder, adapter_name, **call)
+
+
+def _auto_from_pretrained(cls: type, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+    """AutoPeftModelFor*.from_pretrained: it reads the adapter's config before any loader of ours runs; for a local
+    Child-Tuning adapter, whatever goes wrong there is an `AdapterFormatError` too (the base it builds is its own,
+    so there is nothing of the caller's to restore)."""
+    original = _ORIGINALS["auto_from_pretrained"]
+    folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+    if not os.path.isdir(folder) or _is_other_method(folder):
+        return original(cls, pretrained_model_name_or_path, *args, **kwargs)
+    try:
+        return original(cls, pretrained_model_name_or_path, *args, **kwargs)
+    except AdapterFormatError:
+        raise
+    except Exception as error:
+        raise AdapterFormatError(
+            f"Could not load the Child-Tuning adapter in {folder}: {type(error).__name__}: {error}"
+        ) from error
 
 
 def _check_same_adapter(model: nn.Module, existing: ChildTuningConfig, saved: dict[str, Any], name: str, folder: str) -> None:
@@ -587,10 +641,16 @@ def _transformers_load_adapter(self: nn.Module, *args: Any, **kwargs: Any) -> An
         folder = None if model_id is None else adapter_folder(model_id, peft_config, hub_kwargs)
         if folder is None:
             return original(self, *args, **kwargs)
-        path, state_dict = read_checkpoint(folder)
-        _check_saved_config(folder, state_dict, _runtime_ignore(peft_config, hub_kwargs))
+        path, state_dict, has_checksums = read_checkpoint(folder)
+        _check_saved_config(folder, state_dict, has_checksums, _runtime_ignore(peft_config, hub_kwargs))
         if peft_config is None:
-            peft_config = ChildTuningConfig.from_pretrained(folder)
+            try:
+                peft_config = ChildTuningConfig.from_pretrained(folder)
+            except Exception as error:
+                raise AdapterFormatError(
+                    f"{os.path.join(folder, CONFIG_NAME)}: not a valid Child-Tuning config ({type(error).__name__}: "
+                    f"{error}); save the adapter again."
+                ) from error
     elif not isinstance(peft_config, ChildTuningConfig):
         return original(self, *args, **kwargs)
     else:
@@ -659,20 +719,26 @@ def install() -> None:
         return
     import peft.peft_model as peft_model_module
     import peft.utils.save_and_load as save_and_load
+    import transformers.modeling_utils as transformers_modeling
     from peft import PeftModel
+    from peft.auto import _BaseAutoPeftModel
     from transformers.integrations.peft import PeftAdapterMixin
 
     _ORIGINALS.update(
         from_pretrained=PeftModel.from_pretrained.__func__,
+        auto_from_pretrained=_BaseAutoPeftModel.from_pretrained.__func__,
         load_adapter=PeftModel.load_adapter,
         save_pretrained=PeftModel.save_pretrained,
         transformers_load_adapter=PeftAdapterMixin.load_adapter,
         safe_save_file=peft_model_module.safe_save_file,
+        transformers_safe_save_file=transformers_modeling.safe_save_file,
         safe_load_file=save_and_load.safe_load_file,
     )
     PeftModel.from_pretrained = classmethod(_peft_from_pretrained)
+    _BaseAutoPeftModel.from_pretrained = classmethod(_auto_from_pretrained)
     PeftModel.load_adapter = _peft_load_adapter
     PeftModel.save_pretrained = _save_pretrained
     PeftAdapterMixin.load_adapter = _transformers_load_adapter
     peft_model_module.safe_save_file = _save_with_checksums
+    transformers_modeling.safe_save_file = _save_with_checksums  # PreTrainedModel.save_pretrained of an adapter
     save_and_load.safe_load_file = _load_checked

@@ -330,9 +330,19 @@ class ChildTuningModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Check the checkpoint (`loading.check_checkpoint`) before peft writes anything of it into the model."""
+        """Check the checkpoint (`loading.check_checkpoint`) before peft writes anything of it into the model.
+
+        Tensors of the modules saved whole are cast to the dtype of the model's copy: loading with
+        low_cpu_mem_usage assigns the file's tensors as they are, and a head in another dtype would break the forward.
+        """
         check_checkpoint(model, config, adapter_name, state_dict)
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        model_tensors = model.state_dict(keep_vars=True)
+        for key, tensor in remapped.items():
+            target = model_tensors.get(key, model_tensors.get(key.removeprefix("base_model.model.")))
+            if f".modules_to_save.{adapter_name}." in key and target is not None and tensor.dtype != target.dtype:
+                remapped[key] = tensor.to(target.dtype)
+        return remapped
 
     # ----------------------------------------------------------------------------------------------- unloading
     def unload(self) -> nn.Module:

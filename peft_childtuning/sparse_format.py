@@ -187,8 +187,9 @@ def save_with_checksums(tensors: dict[str, torch.Tensor], path: str, metadata: d
         handle.write(data)
 
 
-def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, read into memory once and checked against their stored checksums.
+def read_adapter_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool]:
+    """(tensors, whether checksums were stored) of a safetensors file, read into memory once and checked against
+    their stored checksums.
 
     Read with one ``read()`` rather than mapped: the bytes checked are the bytes loaded, even if the file is being
     rewritten meanwhile (a mapped file shrinking under a reader kills it with SIGBUS). Files written before
@@ -213,7 +214,7 @@ def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     metadata = header.pop("__metadata__", None) or {}
     if CHECKSUMS_METADATA_KEY in metadata:
         _check_checksums(path, data, 8 + header_length, header, metadata[CHECKSUMS_METADATA_KEY])
-    return tensors
+    return tensors, CHECKSUMS_METADATA_KEY in metadata
 
 
 def _check_checksums(path: str, data: bytes, data_start: int, header: dict[str, Any], recorded_json: str) -> None:

@@ -16,6 +16,12 @@ The contract ("a failed load changes nothing"): whatever is wrong with an adapte
 A case = a source (a real saved adapter), a loader, and 1-3 mutations applied in order of their stage (config,
 tensors, safetensors header, raw bytes, files). Mutations are drawn through a `Draw` (hypothesis or `random.Random`),
 and applied while they are drawn, so later draws can depend on the file as it is then (its length, its tensors).
+Where tensors are rewritten and the package stores checksums in the safetensors metadata, the case also draws what
+happens to them (`SIGNINGS`: kept stale, dropped, or recomputed), so that both the checksums and the checks of the
+contents behind them are exercised.
+
+Outcome (a) is judged on a probe batch: bit-identical logits. A mutation that leaves a self-consistent, valid adapter
+would be indistinguishable from one saved that way; the generator avoids producing those (see `SIGNINGS`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import builtins
 import copy
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -256,6 +263,9 @@ class Case:
 # are either kept as they were (now stale: a corruption the checksums should catch), dropped (an unchecked file, as
 # written before checksums existed), or recomputed for the new tensors (a consistent file with bad contents, as a
 # buggy or hostile writer would produce: only the package's own checks of the contents can catch it).
+# A rewrite that leaves a self-consistent adapter (a finite value of the tensor's own dtype, two tensors of the same
+# shape and dtype swapped) is a valid adapter once re-signed: nothing could tell it from one saved that way, so such
+# rewrites always keep the stale checksums (the checksums are what must catch them).
 SIGNINGS = ("stale", "dropped", "resigned")
 
 
@@ -622,6 +632,8 @@ def rename_tensor(draw: Draw, ws: Workspace) -> tuple[str, str]:
         same_role = [other for other in sorted(ws.tensors) if other != key and _role(other) == _role(key)]
         if same_role:
             other = draw.choice(same_role)
+            if ws.tensors[other].shape == tensor.shape and ws.tensors[other].dtype == tensor.dtype:
+                ws.signing = "stale"  # re-signed, this would be a valid (other) adapter: see SIGNINGS
             ws.set_tensor(key, ws.tensors[other])
             ws.set_tensor(other, tensor)
             return f"swap:{_role(key)}", f"{key} <-> {other}"
@@ -717,6 +729,8 @@ def set_values(draw: Draw, ws: Workspace) -> tuple[str, str]:
     else:
         flat = flat.clone()
         flat[index] = value
+    if flat.dtype == tensor.dtype and (value is None or math.isfinite(value)):
+        ws.signing = "stale"  # a finite value of the tensor's own dtype: re-signed, a valid adapter (see SIGNINGS)
     ws.set_tensor(key, flat.reshape(tensor.shape))
     where = "[all]" if how_many == "all" else f"[{index}]"
     return f"{_role(key)}:{special}", f"{key}{where} = {special}"

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from peft_childtuning import ChildTuningConfig
@@ -38,6 +38,7 @@ from peft_childtuning.sparse_format import (
     encode_positions,
     encoded_bytes,
     placeholder,
+    save_with_checksums,
 )
 
 from conftest import ARCHS, child_layers, peft_model, positions_of, tiny_bert, trainable_parameters
@@ -675,7 +676,7 @@ def craft(bert_dirs, bad: BadFile, out_dir: str) -> str:
         with open(config_path) as handle:
             cfg = json.load(handle)
         bad.tensors(sd, cfg)
-        save_file(sd, weights, metadata={"format": "pt"})
+        save_with_checksums(sd, weights, metadata={"format": "pt"})  # a consistent file: the checks must catch it
         with open(config_path, "w") as handle:
             json.dump(cfg, handle)
     if bad.raw is not None or bad.truncate is not None:

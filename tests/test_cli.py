@@ -20,6 +20,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
+from peft_childtuning.sparse_format import save_with_checksums
 from peft_childtuning.cli import main
 from peft_childtuning.sparse_format import encoded_bytes
 
@@ -271,7 +272,7 @@ def test_user_errors_exit_2_without_traceback(dirs, tmp_path, capsys, case, mess
         key = "base_model.model.bert.encoder.layer.0.output.dense.childtuning_values"
         saved[key] = saved[key].clone()
         saved[key][0] = float("nan")
-        save_file(saved, str(bad / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_with_checksums(saved, str(bad / "adapter_model.safetensors"))  # consistent: the value check refuses
         argv = ["merge", "--base", dirs["base"], "--adapter", str(bad), "--out", out_dir]
     code, out, err = run(capsys, *argv)
     assert code == 2

@@ -76,13 +76,31 @@ def test_a_flipped_value_bit_is_refused(saved_adapters, tmp_path, mode):
         PeftModel.from_pretrained(saved_adapters.load_base(), adapter_dir)
 
 
+LEGACY_ADAPTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "empty_child_adapter_0.1.0")
+
+
+def test_an_adapter_saved_before_checksums_still_loads():
+    """Saved by peft_childtuning 0.1.0 (no checksums, the fingerprint of that version): it loads, exactly."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from conftest import ARCHS, tiny_bert
+
+    with safe_open(os.path.join(LEGACY_ADAPTER, "adapter_model.safetensors"), framework="pt") as handle:
+        assert "childtuning_crc32" not in (handle.metadata() or {})
+    loaded = PeftModel.from_pretrained(tiny_bert(), LEGACY_ADAPTER)
+    inputs = {key: value for key, value in ARCHS["bert"].batches(1, seed=42)[0].items() if key != "labels"}
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits,
+                           load_file(os.path.join(LEGACY_ADAPTER, "expected_logits.safetensors"))["logits"])
+
+
 @pytest.mark.parametrize("mode", ["d", "f"])
-def test_files_without_checksums_still_load(saved_adapters, tmp_path, mode):
+def test_a_file_of_this_version_with_its_checksums_removed_is_refused(saved_adapters, tmp_path, mode):
     adapter_dir = saved_adapters.copy_adapter(mode, str(tmp_path / "adapter"))
     rewrite_weights(adapter_dir, lambda tensors: None, checksums=False)
-    model = PeftModel.from_pretrained(saved_adapters.load_base(), adapter_dir)
-    with torch.no_grad():
-        assert torch.equal(model(**saved_adapters.batch).logits, saved_adapters.outputs[mode])
+    with pytest.raises(AdapterFormatError, match="altered"):
+        PeftModel.from_pretrained(saved_adapters.load_base(), adapter_dir)
 
 
 def test_checksums_name_every_tensor_and_no_other(saved_adapters, tmp_path):
