@@ -192,10 +192,16 @@ def check_checkpoint(
                 saved_whole[plain] = saved_whole[renamed] = tensor
                 saved_whole_names.append((plain, renamed))
     given = {_strip(key): tensor for key, tensor in checkpoint.items()}
+    # a file names child tensors with peft's prefix; a model that is no PeftModel (layers injected directly into
+    # it) also loads them without it, as peft does; the name under which no loader loads a tensor is refused
+    pending = _PENDING.get()
+    prefix_optional = not any(name.startswith(PEFT_PREFIX) for name, _ in model.named_modules()) and not (
+        pending is not None and pending.check_when_injected
+    )
 
     for key, tensor in given.items():
         if key in expected:
-            if not _is_saved_form(key, checkpoint):
+            if f"{PEFT_PREFIX}{key}" not in checkpoint and not prefix_optional:
                 raise AdapterFormatError(
                     f"the file holds {key} without peft's prefix {PEFT_PREFIX!r}, so no loader would load it into "
                     "the adapter; the file was not written by save_pretrained. Save the adapter again."
@@ -261,11 +267,6 @@ def check_checkpoint(
         from .model import record_child_network
 
         record_child_network(model, config, adapter_name)
-
-
-def _is_saved_form(key: str, checkpoint: dict[str, torch.Tensor]) -> bool:
-    """Whether a child tensor is named as save_pretrained names it (with peft's prefix)."""
-    return f"{PEFT_PREFIX}{key}" in checkpoint
 
 
 def _check_values(

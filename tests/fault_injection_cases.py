@@ -662,6 +662,8 @@ def retype_tensor(draw: Draw, ws: Workspace) -> tuple[str, str]:
     dtype = draw.choice(RETYPES)
     old = ws.tensors[key].dtype
     ws.set_tensor(key, ws.tensors[key].to(dtype))
+    if dtype.is_floating_point and old.is_floating_point:
+        ws.signing = "stale"  # re-signed, values cast to another float dtype are a valid adapter (see SIGNINGS)
     name = str(dtype).removeprefix("torch.")
     return f"{_role(key)}->{name}", f"{key}: {str(old).removeprefix('torch.')} -> {name}"
 
