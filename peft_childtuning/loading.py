@@ -427,6 +427,18 @@ def load_transaction(
         _PENDING.reset(token)
 
 
+@contextmanager
+def restoring(model: nn.Module) -> Iterator[None]:
+    """Another peft method's load: the model as it was if the load fails (peft itself leaves the layers it injected
+    on the user's model), the exception as it was."""
+    state = ModelState(model, adapter_name="\0")  # no adapter's values to keep: a new name is never one
+    try:
+        yield
+    except BaseException:
+        state.restore()
+        raise
+
+
 def _saved_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, CONFIG_NAME)
     try:
@@ -558,7 +570,8 @@ def _peft_from_pretrained(cls: type, model: nn.Module, model_id: Any, *args: Any
     config, adapter_name = bound.get("config"), bound.get("adapter_name", "default")
     folder = adapter_folder(model_id, config, bound.get("kwargs", {}))
     if folder is None:
-        return _ORIGINALS["from_pretrained"](cls, model, model_id, *args, **kwargs)
+        with restoring(model):
+            return _ORIGINALS["from_pretrained"](cls, model, model_id, *args, **kwargs)
     path, tensors, has_checksums = read_checkpoint(folder)
     _check_saved_config(folder, tensors, has_checksums, _runtime_ignore(config, bound.get("kwargs", {})))
     call = {key: value for key, value in bound.items() if key not in ("cls", "model", "model_id", "kwargs")}
@@ -577,7 +590,8 @@ def _peft_load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, 
         return _ORIGINALS["load_adapter"](self, model_id, adapter_name, *args, **kwargs)
     folder = adapter_folder(model_id, existing, bound.get("kwargs", {}))
     if folder is None:
-        return _ORIGINALS["load_adapter"](self, model_id, adapter_name, *args, **kwargs)
+        with restoring(self):
+            return _ORIGINALS["load_adapter"](self, model_id, adapter_name, *args, **kwargs)
     path, tensors, has_checksums = read_checkpoint(folder)
     saved = _check_saved_config(folder, tensors, has_checksums, _runtime_ignore(existing, bound.get("kwargs", {})))
     call = {key: value for key, value in bound.items() if key not in ("self", "model_id", "adapter_name", "kwargs")}
@@ -641,7 +655,8 @@ def _transformers_load_adapter(self: nn.Module, *args: Any, **kwargs: Any) -> An
     if state_dict is None:
         folder = None if model_id is None else adapter_folder(model_id, peft_config, hub_kwargs)
         if folder is None:
-            return original(self, *args, **kwargs)
+            with restoring(self):
+                return original(self, *args, **kwargs)
         path, state_dict, has_checksums = read_checkpoint(folder)
         _check_saved_config(folder, state_dict, has_checksums, _runtime_ignore(peft_config, hub_kwargs))
         if peft_config is None:

@@ -1143,6 +1143,20 @@ def _chain_problem(error: BaseException) -> Optional[str]:
     return None
 
 
+def _claims_other_method(files: dict[str, Optional[bytes]]) -> bool:
+    """Whether the files now claim another peft method (a config of a known other peft_type) and no weights file
+    names a Child-Tuning tensor: then nothing identifies them as a Child-Tuning adapter any more."""
+    from peft.utils import PeftType
+
+    try:
+        peft_type = json.loads(files.get(CONFIG) or b"").get("peft_type")
+    except (ValueError, AttributeError):
+        return False
+    if not isinstance(peft_type, str) or peft_type not in PeftType.__members__ or peft_type == "CHILDTUNING":
+        return False
+    return b"childtuning_" not in (files.get(WEIGHTS) or b"")
+
+
 def run_case(sources: dict[str, Source], case: Case, directory: str) -> Result:
     """Load the case's directory with its loader and check the contract; never raises for a violation."""
     source = sources[case.source]
@@ -1188,7 +1202,10 @@ def run_case(sources: dict[str, Source], case: Case, directory: str) -> Result:
                     result.notes.append("loaded_exactly_from_pickle")
         else:
             result.error = _error_text(error)
-            if not isinstance(error, AdapterFormatError):
+            if not isinstance(error, AdapterFormatError) and _claims_other_method(case.files):
+                # nothing left in the files says Child-Tuning: another method's loader refused it, its own way
+                result.notes.append("refused_as_another_method")
+            elif not isinstance(error, AdapterFormatError):
                 where = traceback.extract_tb(error.__traceback__)[-1]
                 violations.append((f"wrong_exception:{type(error).__name__}",
                                    f"{_error_text(error)} [at {os.path.basename(where.filename)}:{where.lineno}]"))
