@@ -263,7 +263,9 @@ class ChildTuningLayer(BaseTunerLayer):
     def _check_not_training_merged(self) -> None:
         """Merged weights hold copies of the values: a training step would change values the forward never reads."""
         if torch.is_grad_enabled() and self.training:
-            trainable = [name for name in self.merged_adapters if any(p.requires_grad for p in self._adapter_parameters(name))]
+            trainable = [
+                name for name in self.merged_adapters if any(p.requires_grad for p in self._adapter_parameters(name))
+            ]
             if trainable:
                 raise RuntimeError(
                     f"Child-Tuning adapter(s) {trainable} are merged into {self.module_key} and trainable: a training "

@@ -290,9 +290,11 @@ def _check_values(
             f"{expected_shape}; the adapter does not match this model or its adapter_config.json."
         )
     if not all_finite(values.to(base_tensor.dtype)):
+        dtype = str(base_tensor.dtype).removeprefix("torch.")
         raise AdapterFormatError(
-            f"{tensor_key}: the child values contain NaN or inf once cast to {str(base_tensor.dtype).removeprefix('torch.')}, the dtype of the base weight they are "
-            "merged into; the adapter file is corrupted, or load the base in a dtype that holds them (e.g. float32)."
+            f"{tensor_key}: the child values contain NaN or inf once cast to {dtype}, the dtype of the base weight "
+            "they are merged into; the adapter file is corrupted, or load the base in a dtype that holds them "
+            "(e.g. float32)."
         )
 
 
@@ -565,6 +567,20 @@ def _runtime_ignore(config: Any, kwargs: dict[str, Any]) -> bool:
     return bool(kwargs.get("ignore_base_mismatch")) or bool(getattr(config, "ignore_base_mismatch", False))
 
 
+def _open_checkpoint(folder: str, config: Any, hub_kwargs: dict[str, Any]) -> tuple[str, dict, dict[str, Any]]:
+    """(weights path, checked tensors, saved config) of the Child-Tuning adapter in `folder`."""
+    path, tensors, has_checksums = read_checkpoint(folder)
+    saved = _check_saved_config(folder, tensors, has_checksums, _runtime_ignore(config, hub_kwargs))
+    return path, tensors, saved
+
+
+def _call_arguments(bound: dict[str, Any], bound_apart: tuple[str, ...]) -> dict[str, Any]:
+    """The keyword arguments to call the original loader with, on a local folder: the Hub's are spent."""
+    call = {key: value for key, value in bound.items() if key not in (*bound_apart, "kwargs")}
+    call.update({key: value for key, value in bound.get("kwargs", {}).items() if key not in _HUB_ARGUMENTS})
+    return call
+
+
 def _peft_from_pretrained(cls: type, model: nn.Module, model_id: Any, *args: Any, **kwargs: Any) -> Any:
     bound = _bind("from_pretrained", (cls, model, model_id, *args), kwargs)
     config, adapter_name = bound.get("config"), bound.get("adapter_name", "default")
@@ -572,10 +588,8 @@ def _peft_from_pretrained(cls: type, model: nn.Module, model_id: Any, *args: Any
     if folder is None:
         with restoring(model):
             return _ORIGINALS["from_pretrained"](cls, model, model_id, *args, **kwargs)
-    path, tensors, has_checksums = read_checkpoint(folder)
-    _check_saved_config(folder, tensors, has_checksums, _runtime_ignore(config, bound.get("kwargs", {})))
-    call = {key: value for key, value in bound.items() if key not in ("cls", "model", "model_id", "kwargs")}
-    call.update({key: value for key, value in bound.get("kwargs", {}).items() if key not in _HUB_ARGUMENTS})
+    path, tensors, _ = _open_checkpoint(folder, config, bound.get("kwargs", {}))
+    call = _call_arguments(bound, ("cls", "model", "model_id"))
     with load_transaction(model, path, adapter_name, tensors):
         return _ORIGINALS["from_pretrained"](cls, model, folder, **call)
 
@@ -592,10 +606,8 @@ def _peft_load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, 
     if folder is None:
         with restoring(self):
             return _ORIGINALS["load_adapter"](self, model_id, adapter_name, *args, **kwargs)
-    path, tensors, has_checksums = read_checkpoint(folder)
-    saved = _check_saved_config(folder, tensors, has_checksums, _runtime_ignore(existing, bound.get("kwargs", {})))
-    call = {key: value for key, value in bound.items() if key not in ("self", "model_id", "adapter_name", "kwargs")}
-    call.update({key: value for key, value in bound.get("kwargs", {}).items() if key not in _HUB_ARGUMENTS})
+    path, tensors, saved = _open_checkpoint(folder, existing, bound.get("kwargs", {}))
+    call = _call_arguments(bound, ("self", "model_id", "adapter_name"))
     with load_transaction(self, path, adapter_name, tensors):
         if existing is not None:
             _check_same_adapter(self, existing, saved, adapter_name, folder)
@@ -622,7 +634,9 @@ def _auto_from_pretrained(cls: type, pretrained_model_name_or_path: Any, *args: 
         ) from error
 
 
-def _check_same_adapter(model: nn.Module, existing: ChildTuningConfig, saved: dict[str, Any], name: str, folder: str) -> None:
+def _check_same_adapter(
+    model: nn.Module, existing: ChildTuningConfig, saved: dict[str, Any], name: str, folder: str
+) -> None:
     """Loading into an existing adapter (an eval loop over checkpoints): the file must be a checkpoint of it."""
     for field in ("mode", "tune_bias", "child_sizes", "child_encodings"):
         mine = getattr(existing, field)
@@ -657,8 +671,7 @@ def _transformers_load_adapter(self: nn.Module, *args: Any, **kwargs: Any) -> An
         if folder is None:
             with restoring(self):
                 return original(self, *args, **kwargs)
-        path, state_dict, has_checksums = read_checkpoint(folder)
-        _check_saved_config(folder, state_dict, has_checksums, _runtime_ignore(peft_config, hub_kwargs))
+        path, state_dict, _ = _open_checkpoint(folder, peft_config, hub_kwargs)
         if peft_config is None:
             try:
                 peft_config = ChildTuningConfig.from_pretrained(folder)
@@ -671,8 +684,7 @@ def _transformers_load_adapter(self: nn.Module, *args: Any, **kwargs: Any) -> An
         return original(self, *args, **kwargs)
     else:
         path = "adapter_state_dict"
-    call = {key: value for key, value in bound.items() if key not in ("self", "kwargs", "adapter_kwargs")}
-    call.update({key: value for key, value in bound.get("kwargs", {}).items() if key not in _HUB_ARGUMENTS})
+    call = _call_arguments(bound, ("self", "adapter_kwargs"))
     call.update(peft_model_id=None, adapter_name=adapter_name, peft_config=peft_config, adapter_state_dict=state_dict)
     with load_transaction(self, path, adapter_name, state_dict, check_when_injected=True):
         result = original(self, **call)

@@ -14,7 +14,7 @@ from peft import PeftModel
 
 from peft_childtuning import AdapterFormatError, ChildTuningConfig
 
-from conftest import LOADERS, loader_target, rewrite_config, run_loader, tiny_bert
+from conftest import LOADERS, rewrite_config, run_loader, tiny_bert
 from model_state import ModelState
 
 

@@ -22,7 +22,6 @@ from conftest import (
     peft_model,
     positions_of,
     tiny_bert,
-    tiny_gpt2,
     train_steps,
     trainable_parameters,
 )
