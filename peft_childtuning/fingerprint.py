@@ -90,12 +90,6 @@ def fingerprinted_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]
 
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     skipped = [name for name, module in root.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)]
-    adapter_containers = {
-        f"{name}.{attr}" if name else attr
-        for name, module in root.named_modules()
-        if isinstance(module, ChildTuningLayer)
-        for attr in (*module.adapter_layer_names, *module.other_param_names)
-    }
     # merged adapters have written into their base tensors: those are read as they are unmerged
     unmerged = {
         id(getattr(module.get_base_layer(), tensor_name)): (module, tensor_name)
@@ -107,9 +101,8 @@ def fingerprinted_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]
     for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
         if not tensor.is_floating_point() or tensor.is_meta or id(tensor) in seen:
             continue
-        if any(name.startswith(f"{prefix}.") for prefix in skipped) or any(
-            name.startswith(f"{container}.") for container in adapter_containers
-        ):
+        # adapter tensors: every container of a tuner layer carries the tuner's prefix (peft requires it)
+        if ".childtuning_" in f".{name}" or any(name.startswith(f"{prefix}.") for prefix in skipped):
             continue
         seen.add(id(tensor))
         if id(tensor) in unmerged:

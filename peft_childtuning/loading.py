@@ -20,6 +20,7 @@ accelerate's ``load_state`` change what the model computes exactly as they chang
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import inspect
 import json
@@ -86,7 +87,7 @@ class ModelState:
 
     def _capture_container(self, value: Any) -> None:
         if isinstance(value, (dict, list, set)) and id(value) not in self.containers:
-            self.containers[id(value)] = (value, copy.copy(value))
+            self.containers[id(value)] = (value, value.copy())
             for item in value.values() if isinstance(value, dict) else value:
                 if isinstance(item, PeftConfig) and id(item) not in self.configs:
                     self.configs[id(item)] = (item, copy.deepcopy(item.__dict__))
@@ -320,7 +321,7 @@ def check_base(model: nn.Module, config: ChildTuningConfig, adapter_name: str) -
     """Raise `AdapterFormatError` unless the model's base is the one the adapter was tuned from.
 
     An adapter never saved has no fingerprint yet (it is recorded at the first save): its tensors come from memory,
-    not from a file. A file without one is refused before this (`_check_saved_config`).
+    not from a file. A file without one is refused before this (`_check_against_saved_config`).
     """
     if config.base_fingerprint is None:
         return
@@ -384,14 +385,39 @@ def _report_unmerged_base_tensors(
 
 
 # ------------------------------------------------------------------------------------------------ the transaction
+_READER: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
+def _read_in_background(path: str) -> concurrent.futures.Future:
+    """Start reading and checksumming the adapter file: it overlaps peft building the layers, which needs it not."""
+    global _READER
+    if _READER is None:
+        _READER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="childtuning-read")
+    return _READER.submit(read_adapter_weights, path)
+
+
 @dataclass
 class PendingCheckpoint:
-    """The checked tensors of the adapter being loaded, handed to peft's or transformers' loader."""
+    """The adapter being loaded: its file (read on a thread), handed checked to peft's or transformers' loader."""
 
     weights_path: str
     adapter_name: str
-    tensors: dict[str, torch.Tensor]
+    reading: concurrent.futures.Future
+    saved_config: Optional[dict[str, Any]]  # None: tensors given in memory (no file, no saved config)
+    ignore_base_mismatch: bool
     check_when_injected: bool  # transformers' loader: checked when its layers are built, as it loads no other way
+    _tensors: Optional[dict[str, torch.Tensor]] = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The file's tensors, once read, checksummed and checked against the saved config."""
+        if self._tensors is None:
+            tensors, has_checksums = self.reading.result()
+            if self.saved_config is not None:
+                _check_against_saved_config(
+                    self.weights_path, self.saved_config, tensors, has_checksums, self.ignore_base_mismatch
+                )
+            self._tensors = tensors
+        return self._tensors
 
 
 _PENDING: ContextVar[Optional[PendingCheckpoint]] = ContextVar("childtuning_pending_checkpoint", default=None)
@@ -402,16 +428,10 @@ def pending_checkpoint() -> Optional[PendingCheckpoint]:
 
 
 @contextmanager
-def load_transaction(
-    model: nn.Module,
-    weights_path: str,
-    adapter_name: str,
-    tensors: dict[str, torch.Tensor],
-    check_when_injected: bool = False,
-) -> Iterator[None]:
-    """Load `tensors` (read from `weights_path`) into `model` as adapter `adapter_name`, or leave it as it was."""
-    state = ModelState(model, adapter_name)
-    token = _PENDING.set(PendingCheckpoint(weights_path, adapter_name, tensors, check_when_injected))
+def load_transaction(model: nn.Module, pending: PendingCheckpoint) -> Iterator[None]:
+    """Load the pending checkpoint into `model` as its adapter, or leave the model as it was."""
+    state = ModelState(model, pending.adapter_name)
+    token = _PENDING.set(pending)
     try:
         yield
     except BaseException as error:
@@ -422,7 +442,7 @@ def load_transaction(
         if isinstance(error, KeyError):
             message = f"the file has no tensor {error}: it is incomplete. Save the adapter again"
         raise AdapterFormatError(
-            f"Could not load the Child-Tuning adapter {weights_path} as '{adapter_name}': {message} "
+            f"Could not load the Child-Tuning adapter {pending.weights_path} as '{pending.adapter_name}': {message} "
             "(the model was left unchanged)"
         ) from error
     finally:
@@ -453,9 +473,8 @@ def _saved_config(folder: str) -> dict[str, Any]:
     return config
 
 
-def read_checkpoint(folder: str) -> tuple[str, dict[str, torch.Tensor], bool]:
-    """(weights path, tensors, whether it has checksums) of the adapter saved in `folder`, checked against its
-    checksums; safetensors only."""
+def weights_path(folder: str) -> str:
+    """The adapter file in `folder`: safetensors only, never a pickle."""
     path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
@@ -466,36 +485,35 @@ def read_checkpoint(folder: str) -> tuple[str, dict[str, torch.Tensor], bool]:
                 "'adapter_model.safetensors')`."
             )
         raise AdapterFormatError(f"{folder}: has no {SAFETENSORS_WEIGHTS_NAME}; save the adapter again.")
-    return (path, *read_adapter_weights(path))
+    return path
 
 
-def _check_saved_config(
-    folder: str, tensors: dict[str, torch.Tensor], has_checksums: bool, ignore_base_mismatch: bool
-) -> dict[str, Any]:
-    """The saved config, refused where a loaded config could hide a problem the tensors reveal."""
-    saved = _saved_config(folder)
+def _check_against_saved_config(
+    path: str, saved: dict[str, Any], tensors: dict[str, torch.Tensor], has_checksums: bool, ignore_base_mismatch: bool
+) -> None:
+    """Refuse a saved config that could hide a problem the tensors reveal."""
+    config_path = os.path.join(os.path.dirname(path), CONFIG_NAME)
     fingerprint = saved.get("base_fingerprint")
     if isinstance(fingerprint, dict) and "version" in fingerprint and not has_checksums:
         raise AdapterFormatError(
-            f"{os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)}: saved by a version of peft_childtuning that stores a "
-            "checksum of every tensor, but the file has none: it was altered after it was saved. Save it again."
+            f"{path}: saved by a version of peft_childtuning that stores a checksum of every tensor, but the file "
+            "has none: it was altered after it was saved. Save it again."
         )
     carries_child_network = any(
         key.rpartition(".")[2] in _CONTAINER_NAMES and tensor.numel() for key, tensor in tensors.items()
     )
     if saved.get("peft_type") != PEFT_TYPE_NAME:
         raise AdapterFormatError(
-            f"{os.path.join(folder, CONFIG_NAME)}: peft_type {saved.get('peft_type')!r}, but the weights are a "
-            f"Child-Tuning adapter's; the config does not belong to these weights. Save the adapter again."
+            f"{config_path}: peft_type {saved.get('peft_type')!r}, but the weights are a Child-Tuning adapter's; the "
+            "config does not belong to these weights. Save the adapter again."
         )
-    if carries_child_network and saved.get("base_fingerprint") is None and not ignore_base_mismatch:
+    if carries_child_network and fingerprint is None and not ignore_base_mismatch:
         raise AdapterFormatError(
-            f"{os.path.join(folder, CONFIG_NAME)}: the adapter carries a child network but its config records no "
-            "base_fingerprint, so nothing shows it matches this base (the check cannot be switched off by editing "
-            "the config). Save it again from the model it was trained on, or pass ignore_base_mismatch=True to "
-            "load it anyway, at your own risk."
+            f"{config_path}: the adapter carries a child network but its config records no base_fingerprint, so "
+            "nothing shows it matches this base (the check cannot be switched off by editing the config). Save it "
+            "again from the model it was trained on, or pass ignore_base_mismatch=True to load it anyway, at your "
+            "own risk."
         )
-    return saved
 
 
 def _is_childtuning_folder(folder: str) -> bool:
@@ -567,11 +585,17 @@ def _runtime_ignore(config: Any, kwargs: dict[str, Any]) -> bool:
     return bool(kwargs.get("ignore_base_mismatch")) or bool(getattr(config, "ignore_base_mismatch", False))
 
 
-def _open_checkpoint(folder: str, config: Any, hub_kwargs: dict[str, Any]) -> tuple[str, dict, dict[str, Any]]:
-    """(weights path, checked tensors, saved config) of the Child-Tuning adapter in `folder`."""
-    path, tensors, has_checksums = read_checkpoint(folder)
-    saved = _check_saved_config(folder, tensors, has_checksums, _runtime_ignore(config, hub_kwargs))
-    return path, tensors, saved
+def _open_checkpoint(folder: str, adapter_name: str, config: Any, hub_kwargs: dict[str, Any], **flags: bool) -> tuple[
+    PendingCheckpoint, dict[str, Any]
+]:
+    """(the pending checkpoint, its saved config) of the Child-Tuning adapter in `folder`; the file is read and
+    checked on a thread meanwhile."""
+    path = weights_path(folder)
+    saved = _saved_config(folder)
+    pending = PendingCheckpoint(
+        path, adapter_name, _read_in_background(path), saved, _runtime_ignore(config, hub_kwargs), **flags
+    )
+    return pending, saved
 
 
 def _call_arguments(bound: dict[str, Any], bound_apart: tuple[str, ...]) -> dict[str, Any]:
@@ -588,9 +612,9 @@ def _peft_from_pretrained(cls: type, model: nn.Module, model_id: Any, *args: Any
     if folder is None:
         with restoring(model):
             return _ORIGINALS["from_pretrained"](cls, model, model_id, *args, **kwargs)
-    path, tensors, _ = _open_checkpoint(folder, config, bound.get("kwargs", {}))
+    pending, _ = _open_checkpoint(folder, adapter_name, config, bound.get("kwargs", {}), check_when_injected=False)
     call = _call_arguments(bound, ("cls", "model", "model_id"))
-    with load_transaction(model, path, adapter_name, tensors):
+    with load_transaction(model, pending):
         return _ORIGINALS["from_pretrained"](cls, model, folder, **call)
 
 
@@ -606,9 +630,9 @@ def _peft_load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, 
     if folder is None:
         with restoring(self):
             return _ORIGINALS["load_adapter"](self, model_id, adapter_name, *args, **kwargs)
-    path, tensors, saved = _open_checkpoint(folder, existing, bound.get("kwargs", {}))
+    pending, saved = _open_checkpoint(folder, adapter_name, existing, bound.get("kwargs", {}), check_when_injected=False)
     call = _call_arguments(bound, ("self", "model_id", "adapter_name"))
-    with load_transaction(self, path, adapter_name, tensors):
+    with load_transaction(self, pending):
         if existing is not None:
             _check_same_adapter(self, existing, saved, adapter_name, folder)
             if existing.base_fingerprint is None:  # never saved: it takes the checked one of its checkpoint
@@ -671,7 +695,7 @@ def _transformers_load_adapter(self: nn.Module, *args: Any, **kwargs: Any) -> An
         if folder is None:
             with restoring(self):
                 return original(self, *args, **kwargs)
-        path, state_dict, _ = _open_checkpoint(folder, peft_config, hub_kwargs)
+        pending, _ = _open_checkpoint(folder, adapter_name, peft_config, hub_kwargs, check_when_injected=True)
         if peft_config is None:
             try:
                 peft_config = ChildTuningConfig.from_pretrained(folder)
@@ -682,11 +706,14 @@ def _transformers_load_adapter(self: nn.Module, *args: Any, **kwargs: Any) -> An
                 ) from error
     elif not isinstance(peft_config, ChildTuningConfig):
         return original(self, *args, **kwargs)
-    else:
-        path = "adapter_state_dict"
+    else:  # tensors given in memory
+        given: concurrent.futures.Future = concurrent.futures.Future()
+        given.set_result((state_dict, False))
+        pending = PendingCheckpoint("adapter_state_dict", adapter_name, given, None, False, True)
     call = _call_arguments(bound, ("self", "adapter_kwargs"))
-    call.update(peft_model_id=None, adapter_name=adapter_name, peft_config=peft_config, adapter_state_dict=state_dict)
-    with load_transaction(self, path, adapter_name, state_dict, check_when_injected=True):
+    call.update(peft_model_id=None, adapter_name=adapter_name, peft_config=peft_config)
+    with load_transaction(self, pending):
+        call["adapter_state_dict"] = pending.tensors()  # transformers loads these, and reads nothing itself
         result = original(self, **call)
         for module in self.modules():
             if isinstance(module, ChildTuningLayer) and adapter_name in module.childtuning_spec:
@@ -724,7 +751,7 @@ def _load_checked(filename: str, device: Any = "cpu") -> dict[str, torch.Tensor]
     """safetensors' load_file for peft: the tensors the transaction already read and checked, when it is that file."""
     pending = _PENDING.get()
     if pending is not None and os.path.realpath(filename) == os.path.realpath(pending.weights_path):
-        return {key: tensor.to(device) for key, tensor in pending.tensors.items()}
+        return {key: tensor.to(device) for key, tensor in pending.tensors().items()}
     return _ORIGINALS["safe_load_file"](filename, device=device)
 
 

@@ -129,7 +129,7 @@ class ChildTuningModel(BaseTuner):
             record_child_network(self.model, config, adapter_name)
         pending = pending_checkpoint()
         if pending is not None and pending.check_when_injected and pending.adapter_name == adapter_name:
-            check_checkpoint(self.model, config, adapter_name, pending.tensors)
+            check_checkpoint(self.model, config, adapter_name, pending.tensors())
 
     def _prepare_model(self, peft_config: ChildTuningConfig, model: nn.Module) -> None:
         """Refuse tied targets (`tied_weights`) before peft wraps any module: a refusal leaves the model as it was."""
