@@ -7,8 +7,9 @@ computation (model class and head, activation, norm epsilons, attention heads). 
 - ``architecture``: the model class and those config fields, compared exactly;
 - ``tensors``: a digest of every base tensor's name and shape (modules saved whole with the adapter, such as a
   freshly initialised classifier head, are left out), compared exactly;
-- ``signatures``: six statistics per tensor of a fixed sample of its entries (mean, mean |x|, root mean square and
-  three fixed random-sign projections), compared with a tolerance of 2**-7 of the sample's mean |x|.
+- ``signatures``: six statistics per tensor of a fixed sample of its entries (eight runs of 128 contiguous entries
+  spread over it: mean, mean |x|, root mean square and three fixed random-sign projections), compared with a
+  tolerance of 2**-7 of the sample's mean |x|.
 
 The tolerance makes one checkpoint match itself loaded in fp32, bf16 or fp16 (rounding moves each statistic by at
 most 2**-8 of mean |x|), while a different checkpoint misses it on almost every tensor (its projections differ by
@@ -34,6 +35,7 @@ SAMPLES = 1024
 RELATIVE_TOLERANCE = 2.0**-7
 ABSOLUTE_TOLERANCE = 1e-7
 _PROJECTIONS = 3
+_CHUNKS = 8  # runs of contiguous entries a large tensor's sample is made of
 # config fields that change what a model computes, beyond the tensors' names and shapes
 ARCHITECTURE_FIELDS = (
     "model_type",
@@ -64,9 +66,15 @@ _SIGNS = _signs()
 
 
 def _sample(tensor: torch.Tensor) -> np.ndarray:
+    """`SAMPLES` entries of the tensor: all of a small one, else `_CHUNKS` runs of contiguous entries spread evenly
+    over it. Runs, not a stride: a stride over a freshly loaded (memory-mapped) embedding matrix would read in most
+    of its pages, which a forward over a few tokens never touches."""
     flat = tensor.detach().reshape(-1)
-    step = max(1, flat.numel() // SAMPLES)
-    return flat[::step][:SAMPLES].to("cpu", torch.float64).numpy()
+    if flat.numel() <= SAMPLES:
+        return flat.to("cpu", torch.float64).numpy()
+    run = SAMPLES // _CHUNKS
+    starts = np.linspace(0, flat.numel() - run, _CHUNKS).astype(np.int64)
+    return torch.cat([flat[start : start + run] for start in starts.tolist()]).to("cpu", torch.float64).numpy()
 
 
 def _statistics(tensor: torch.Tensor) -> np.ndarray:
