@@ -67,7 +67,7 @@ class ModelState:
     but merging writes into them, and merging is undone exactly.
     """
 
-    def __init__(self, root: nn.Module, adapter_name: str) -> None:
+    def __init__(self, root: nn.Module, adapter_name: Optional[str]) -> None:
         self.root = root
         self.module_attributes = [(module, dict(module.__dict__)) for module in root.modules()]
         self.containers: dict[int, tuple[Any, Any]] = {}
@@ -82,7 +82,7 @@ class ModelState:
         self.adapter_values = [
             (tensor, tensor.detach().clone())
             for name, tensor in [*root.named_parameters(), *root.named_buffers()]
-            if f".{adapter_name}." in f".{name}."
+            if adapter_name is not None and f".{adapter_name}." in f".{name}."
         ]
 
     def _capture_container(self, value: Any) -> None:
@@ -104,12 +104,9 @@ class ModelState:
             module.__dict__.clear()
             module.__dict__.update(attributes)
         for container, contents in self.containers.values():
-            if isinstance(container, dict):
-                container.clear()
-                container.update(contents)
-            elif isinstance(container, list):
+            if isinstance(container, list):
                 container[:] = contents
-            else:
+            else:  # a dict or a set
                 container.clear()
                 container.update(contents)
         for config, attributes in self.configs.values():
@@ -453,7 +450,7 @@ def load_transaction(model: nn.Module, pending: PendingCheckpoint) -> Iterator[N
 def restoring(model: nn.Module) -> Iterator[None]:
     """Another peft method's load: the model as it was if the load fails (peft itself leaves the layers it injected
     on the user's model), the exception as it was."""
-    state = ModelState(model, adapter_name="\0")  # no adapter's values to keep: a new name is never one
+    state = ModelState(model, adapter_name=None)  # no Child-Tuning adapter's values to keep
     try:
         yield
     except BaseException:
@@ -671,8 +668,10 @@ def _check_same_adapter(
                 f"{folder}: its {field} differs from adapter '{name}''s, so it is not a checkpoint of that adapter; "
                 "load it under a new adapter_name."
             )
-    if saved.get("base_fingerprint") is not None and not existing.ignore_base_mismatch:
-        reason = fingerprint_mismatch(saved["base_fingerprint"], model, name)
+    # the same fingerprint as the adapter's own is checked with the checkpoint's tensors (`check_checkpoint`)
+    fingerprint = saved.get("base_fingerprint")
+    if fingerprint is not None and fingerprint != existing.base_fingerprint and not existing.ignore_base_mismatch:
+        reason = fingerprint_mismatch(fingerprint, model, name)
         if reason is not None:
             raise AdapterFormatError(
                 f"{folder}: its base fingerprint does not match this model's base (tuned from other base weights): "
