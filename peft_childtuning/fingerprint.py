@@ -20,6 +20,7 @@ tensors only; they are still checked that way.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -65,24 +66,36 @@ def _signs() -> np.ndarray:
 _SIGNS = _signs()
 
 
-def _sample(tensor: torch.Tensor) -> np.ndarray:
-    """`SAMPLES` entries of the tensor: all of a small one, else `_CHUNKS` runs of contiguous entries spread evenly
-    over it. Runs, not a stride: a stride over a freshly loaded (memory-mapped) embedding matrix would read in most
-    of its pages, which a forward over a few tokens never touches."""
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() <= SAMPLES:
-        return flat.to("cpu", torch.float64).numpy()
+@functools.lru_cache(maxsize=1024)
+def _sample_positions(numel: int) -> Optional[torch.Tensor]:
+    """The flat positions of a tensor's sample: None for all of a small one, else `_CHUNKS` runs of contiguous
+    entries spread evenly over it. Runs, not a stride: a stride over a freshly loaded (memory-mapped) embedding
+    matrix would read in most of its pages, which a forward over a few tokens never touches."""
+    if numel <= SAMPLES:
+        return None
     run = SAMPLES // _CHUNKS
-    starts = np.linspace(0, flat.numel() - run, _CHUNKS).astype(np.int64)
-    return torch.cat([flat[start : start + run] for start in starts.tolist()]).to("cpu", torch.float64).numpy()
+    starts = np.linspace(0, numel - run, _CHUNKS).astype(np.int64)
+    return torch.from_numpy((starts[:, None] + np.arange(run)).reshape(-1))
 
 
-def _statistics(tensor: torch.Tensor) -> np.ndarray:
-    sample = _sample(tensor)
-    if sample.size == 0:
-        return np.zeros(3 + _PROJECTIONS)
-    projections = _SIGNS[:, : sample.size] @ sample / sample.size
-    return np.concatenate([[sample.mean(), np.abs(sample).mean(), np.sqrt((sample**2).mean())], projections])
+def _signatures(tensors: list[torch.Tensor]) -> np.ndarray:
+    """Six statistics per tensor (mean, mean |x|, root mean square, three random-sign projections) of its sample.
+
+    The samples are gathered into one zero-padded float64 matrix and reduced together: one pass for every tensor,
+    rather than a dozen small operations per tensor (what made the fingerprint a tenth of loading a small model).
+    """
+    samples = np.zeros((len(tensors), SAMPLES))
+    sizes = np.ones(len(tensors))
+    for row, tensor in enumerate(tensors):
+        flat = tensor.detach().reshape(-1)
+        positions = _sample_positions(flat.numel())
+        sample = flat if positions is None else flat.index_select(0, positions.to(flat.device))
+        samples[row, : sample.numel()] = sample.to("cpu", torch.float64).numpy()
+        sizes[row] = max(sample.numel(), 1)  # an empty tensor: all six statistics 0
+    means = np.stack([samples.sum(1), np.abs(samples).sum(1), (samples**2).sum(1)], axis=1) / sizes[:, None]
+    means[:, 2] = np.sqrt(means[:, 2])
+    projections = samples @ _SIGNS.T / sizes[:, None]  # zero padding adds nothing to a projection
+    return np.concatenate([means, projections], axis=1)
 
 
 def fingerprinted_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -97,14 +110,14 @@ def fingerprinted_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]
     from .layer import ChildTuningLayer
 
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
-    skipped = [name for name, module in root.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)]
-    # merged adapters have written into their base tensors: those are read as they are unmerged
-    unmerged = {
-        id(getattr(module.get_base_layer(), tensor_name)): (module, tensor_name)
-        for module in root.modules()
-        if isinstance(module, ChildTuningLayer)
-        for (_, tensor_name) in module._merge_originals
-    }
+    skipped, unmerged = [], {}
+    for name, module in root.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            skipped.append(name)
+        elif isinstance(module, ChildTuningLayer):
+            # merged adapters have written into their base tensors: those are read as they are unmerged
+            for _, tensor_name in module._merge_originals:
+                unmerged[id(getattr(module.get_base_layer(), tensor_name))] = (module, tensor_name)
     seen: set[int] = set()
     for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
         if not tensor.is_floating_point() or tensor.is_meta or id(tensor) in seen:
@@ -141,7 +154,7 @@ def _names_digest(tensors: list[tuple[str, torch.Tensor]]) -> str:
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """The fingerprint of the model's base (see the module docstring), JSON-serialisable."""
     tensors = sorted(fingerprinted_tensors(model), key=lambda item: item[0])
-    signatures = np.stack([_statistics(tensor) for _, tensor in tensors]) if tensors else np.zeros((0, 6))
+    signatures = _signatures([tensor for _, tensor in tensors])
     return {
         "version": FINGERPRINT_VERSION,
         "architecture": _architecture(model),

@@ -66,12 +66,24 @@ class MaskStepCounter:
 
     Gradient hooks cannot tell a micro-batch from an optimizer step, so the count comes from torch's global
     optimizer-step hook, which every optimizer (fused AdamW included) calls. `step` can be set, e.g. when resuming.
+
+    The count lives in a 0-dim CPU tensor, changed in place: a compiled forward reads it as a graph input, where a
+    Python int would be baked into the graph as a constant and recompile it every step.
     """
 
     def __init__(self, trainable_parameters: Callable[[], list[torch.nn.Parameter]]) -> None:
-        self.step = 0
+        with torch.inference_mode(False):  # a model built under inference mode still counts its training steps
+            self.step_tensor = torch.zeros((), dtype=torch.int64, device="cpu")
         self._trainable_parameters = trainable_parameters
         _COUNTERS.add(self)
+
+    @property
+    def step(self) -> int:
+        return int(self.step_tensor)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.step_tensor.fill_(value)
 
     def _updated_by(self, optimizer: torch.optim.Optimizer) -> bool:
         ours = {id(parameter) for parameter in self._trainable_parameters()}
@@ -92,24 +104,55 @@ _COUNTERS: "weakref.WeakSet[MaskStepCounter]" = weakref.WeakSet()
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for counter in list(_COUNTERS):
         if counter._updated_by(optimizer):
-            counter.step += 1
+            counter.step_tensor += 1
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+@torch.library.custom_op("peft_childtuning::masked_gradient", mutates_args=())
+def _masked_gradient_op(
+    grad: torch.Tensor, step: torch.Tensor, reserve_p: float, seed: int, tensor_key: str
+) -> torch.Tensor:
+    """`masked_gradient` as an operator that torch.compile keeps opaque: the mask's hash and numpy generator cannot
+    be traced, and as one node of the graph they need not be. Contiguous, as its fake (meta) result says."""
+    return masked_gradient(grad.contiguous(), reserve_p, seed, int(step), tensor_key)
+
+
+@_masked_gradient_op.register_fake
+def _(grad: torch.Tensor, step: torch.Tensor, reserve_p: float, seed: int, tensor_key: str) -> torch.Tensor:
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _masked_gradient_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.mask_inputs = inputs[1:]
+
+
+def _masked_gradient_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    # linear in the gradient: a double backward (create_graph=True) masks with the same mask
+    return _masked_gradient_op(grad, *ctx.mask_inputs), None, None, None, None
+
+
+_masked_gradient_op.register_autograd(_masked_gradient_backward, setup_context=_masked_gradient_setup)
 
 
 class BernoulliGradientMask(torch.autograd.Function):
     """Identity in the forward; in the backward, multiplies the gradient by a fresh Bernoulli(p) mask / p.
 
     Living in the autograd graph (rather than as a hook on the Parameter object) it survives peft replacing adapter
-    Parameters when it moves or upcasts them, and it works with any optimizer.
+    Parameters when it moves or upcasts them, and it works with any optimizer. The step is the counter's 0-dim
+    tensor (`MaskStepCounter.step_tensor`), copied at forward time: the mask is that of the step the forward ran in.
     """
 
     @staticmethod
-    def forward(ctx: Any, values: torch.Tensor, reserve_p: float, seed: int, step: int, tensor_key: str) -> torch.Tensor:
-        ctx.mask_args = (reserve_p, seed, step, tensor_key)
+    def forward(
+        ctx: Any, values: torch.Tensor, step: torch.Tensor, reserve_p: float, seed: int, tensor_key: str
+    ) -> torch.Tensor:
+        ctx.save_for_backward(step.clone())
+        ctx.mask_args = (reserve_p, seed, tensor_key)
         return values.view_as(values)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return masked_gradient(grad, *ctx.mask_args), None, None, None, None
+        (step,) = ctx.saved_tensors
+        return _masked_gradient_op(grad, step, *ctx.mask_args), None, None, None, None

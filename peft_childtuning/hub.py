@@ -5,11 +5,14 @@
   with ``HfApi.create_repo(exist_ok=True)`` + ``HfApi.create_commit``. Files the Hub already has unchanged are not
   sent again, and if nothing changed no commit is made. ``PeftModel.push_to_hub`` (transformers' mixin) uploads the
   same adapter but replaces the card with transformers' generic template; use this function instead.
-- ``PeftModel.from_pretrained(base, "user/repo", revision=...)`` works as is (``import peft_childtuning`` first). It
-  reports a missing repo, revision or file as a bare ``ValueError("Can't find 'adapter_config.json' at ...")``
-  that does not name the revision. `from_pretrained(base, "user/repo", revision=...)` here downloads both files of
-  one commit first and raises `AdapterNotFoundError` naming the repo, revision, file and endpoint instead, with the
-  Hub client's typed error (``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``EntryNotFoundError``) as its
+- The card that peft's ``save_pretrained`` writes, and with it transformers' ``Trainer.push_to_hub`` card, gets the
+  ``child-tuning`` tag and the same loading note (`enable_peft_model_card`, done by ``import peft_childtuning``).
+- ``PeftModel.from_pretrained(base, "user/repo", revision=...)`` works as is: an installed peft_childtuning registers
+  itself when peft is imported (``peft_childtuning_autoload``; else ``import peft_childtuning`` first). It reports a
+  missing repo, revision or file as a bare ``ValueError("Can't find 'adapter_config.json' at ...")`` that does not
+  name the revision. `from_pretrained(base, "user/repo", revision=...)` here downloads both files of one commit
+  first and raises `AdapterNotFoundError` naming the repo, revision, file and endpoint instead, with the Hub
+  client's typed error (``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``EntryNotFoundError``) as its
   ``__cause__``.
 
 Every call goes to ``huggingface_hub.constants.ENDPOINT`` (``HF_ENDPOINT``, read when huggingface_hub is imported).
@@ -54,10 +57,13 @@ __all__ = [
     "HubPushError",
     "disable_peft_push_to_hub",
     "download_adapter",
+    "enable_peft_model_card",
     "enable_peft_push_to_hub",
     "from_pretrained",
+    "loading_note",
     "model_card",
     "push_to_hub",
+    "with_loading_note",
 ]
 
 PAPER_TITLE = "Raise a Child in Large Language Model: Towards Effective and Generalizable Fine-tuning"
@@ -85,6 +91,8 @@ _TASKS = {
     "QUESTION_ANS": ("AutoModelForQuestionAnswering", "question-answering"),
     "FEATURE_EXTRACTION": ("AutoModel", "feature-extraction"),
 }
+# the card tags of a Child-Tuning adapter, besides peft's own
+CARD_TAGS = ("child-tuning", "sparse-fine-tuning")
 _COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _BLOCK_PREFIX = re.compile(r"^.*?\.\d+\.")
@@ -161,6 +169,59 @@ def _modules_saved_whole(peft_model: PeftModel, adapter_name: str) -> list[str]:
     return names
 
 
+def _task(config: ChildTuningConfig) -> tuple[Optional[str], str, Optional[str]]:
+    """(peft task type, transformers auto class of the base model, Hub pipeline tag) of an adapter."""
+    task_type = str(config.task_type.value if hasattr(config.task_type, "value") else config.task_type or "") or None
+    auto_class, pipeline_tag = _TASKS.get(task_type or "", ("AutoModel", None))
+    return task_type, auto_class, pipeline_tag
+
+
+def loading_note(
+    peft_model: PeftModel,
+    adapter_name: str = "default",
+    *,
+    repo_id: Optional[str] = None,
+    base_model: Optional[str] = None,
+) -> str:
+    """The "How to use" section of a Child-Tuning adapter's model card: what makes peft know Child-Tuning (this
+    package, which registers itself when peft is imported) and a loading snippet.
+
+    Every card of ours carries it: `model_card`'s, and (through `enable_peft_model_card`) the card that peft's
+    ``save_pretrained`` and transformers' ``Trainer.push_to_hub`` write. `repo_id` and `base_model` are as for
+    `model_card`.
+    """
+    config = _childtuning_config(peft_model, adapter_name)
+    base_model = base_model or config.base_model_name_or_path or None
+    task_type, auto_class, _ = _task(config)
+    base_config = getattr(peft_model.base_model.model, "config", None)
+    num_labels = getattr(base_config, "num_labels", None) if task_type in ("SEQ_CLS", "TOKEN_CLS") else None
+    load_line = (
+        f'base = {auto_class}.from_pretrained("{base_model or "<the base model it was tuned from>"}"'
+        + (f", num_labels={num_labels})" if num_labels else ")")
+    )
+    repo_text = repo_id or "<this repo>"
+    return f"""## How to use
+
+peft does not know Child-Tuning by itself: the `peft_childtuning` package teaches it. Install it (`pip install
+peft_childtuning`): it then registers Child-Tuning whenever peft is imported, so `PeftModel.from_pretrained` and
+`AutoPeftModelFor...` load this adapter as they are. Without the package peft fails with `KeyError: 'CHILDTUNING'`;
+where its registration is switched off (`PEFT_CHILDTUNING_NO_AUTOLOAD=1`), import it before loading, as below.
+
+```python
+import peft_childtuning  # registers Child-Tuning with peft (done by itself at `import peft`, unless switched off)
+from peft import PeftModel
+from transformers import {auto_class}
+
+{load_line}
+model = PeftModel.from_pretrained(base, "{repo_text}")  # merged into the base weights at load
+```
+
+`peft_childtuning.hub.from_pretrained(base, "{repo_text}", revision=...)` does the same with errors that name a
+missing repo, revision or file. The adapter checks the base weights' fingerprint when it is loaded: load it onto the
+base it was tuned from. `is_trainable=True` loads it unmerged, to train it further.
+"""
+
+
 def model_card(
     peft_model: PeftModel,
     adapter_name: str = "default",
@@ -173,8 +234,8 @@ def model_card(
 
     YAML front matter: ``library_name: peft``, ``base_model`` (the base's Hub id, when known), ``tags`` (``peft``,
     ``child-tuning``, ...) and the pipeline tag of the task. Body: the base model (its name, or its local path), the
-    mode, ``reserve_p``, the child network's size, the adapter file's size, how to load it (``import
-    peft_childtuning`` first) and the paper's citation.
+    mode, ``reserve_p``, the child network's size, the adapter file's size, how to load it (`loading_note`) and the
+    paper's citation.
 
     A base loaded from a local folder has its path as ``base_model_name_or_path``; the path is shown in the body and
     the loading snippet but kept out of the ``base_model`` metadata, which the Hub reads as a model id (links it in
@@ -197,8 +258,7 @@ def model_card(
     config = _childtuning_config(peft_model, adapter_name)
     base_model = base_model or config.base_model_name_or_path or None
     base_model_id = _hub_model_id(base_model)
-    task_type = str(config.task_type.value if hasattr(config.task_type, "value") else config.task_type or "") or None
-    auto_class, pipeline_tag = _TASKS.get(task_type or "", ("AutoModel", None))
+    task_type, _, pipeline_tag = _task(config)
     if adapter_bytes is None:
         adapter_bytes = _saved_adapter_bytes(peft_model, adapter_name)
 
@@ -207,7 +267,7 @@ def model_card(
     module_names = list(dict.fromkeys(layer.module_key for layer, _, _, _ in tuned))
     tensor_dtypes = sorted({str(tensor.dtype).replace("torch.", "") for _, _, _, tensor in tuned})
 
-    tags = ["peft", "child-tuning", "sparse-fine-tuning"]
+    tags = ["peft", *CARD_TAGS]
     if base_model_id:
         tags.append(f"base_model:adapter:{base_model_id}")
     data = ModelCardData(library_name="peft", base_model=base_model_id, tags=tags, pipeline_tag=pipeline_tag)
@@ -238,13 +298,6 @@ def model_card(
         )
         storage = "the full tuned tensors (mode f updates every entry over training)"
 
-    base_config = getattr(peft_model.base_model.model, "config", None)
-    num_labels = getattr(base_config, "num_labels", None) if task_type in ("SEQ_CLS", "TOKEN_CLS") else None
-    load_line = (
-        f'base = {auto_class}.from_pretrained("{base_model or "<the base model it was tuned from>"}"'
-        + (f", num_labels={num_labels})" if num_labels else ")")
-    )
-    repo_text = repo_id or "<this repo>"
     rows = [
         ("Base model", (f"`{base_model}`" + ("" if base_model_id else " (a local path)")) if base_model
          else "not recorded"),
@@ -267,24 +320,7 @@ inference merges it into the base weights, so the model runs as fast as the base
 
 {table}
 
-## How to use
-
-peft does not know Child-Tuning by itself: import `peft_childtuning` before loading the adapter (it registers the
-tuner with peft; without it peft fails with a `KeyError` on the adapter type).
-
-```python
-import peft_childtuning  # registers Child-Tuning with peft: import it first
-from peft import PeftModel
-from transformers import {auto_class}
-
-{load_line}
-model = PeftModel.from_pretrained(base, "{repo_text}")  # merged into the base weights at load
-```
-
-`peft_childtuning.hub.from_pretrained(base, "{repo_text}", revision=...)` does the same with errors that name a
-missing repo, revision or file. The adapter checks the base weights' fingerprint when it is loaded: load it onto the
-base it was tuned from. `is_trainable=True` loads it unmerged, to train it further.
-
+{loading_note(peft_model, adapter_name, repo_id=repo_id, base_model=base_model)}
 ## Framework versions
 
 - peft_childtuning {__version__}
@@ -626,3 +662,64 @@ def disable_peft_push_to_hub() -> None:
         PeftModel.push_to_hub = _original_push_to_hub
     else:
         del PeftModel.push_to_hub
+
+
+# ------------------------------------------------------------------------------------------------ peft's model card
+# the loading note in a card written by peft or transformers lies between these, so that writing the card again (the
+# Trainer does, after save_pretrained) replaces it instead of adding a second one
+_NOTE_BEGIN = "<!-- peft_childtuning: how to load this adapter -->"
+_NOTE_END = "<!-- end of peft_childtuning's note -->"
+_NOTE_BLOCK = re.compile(re.escape(_NOTE_BEGIN) + r".*?" + re.escape(_NOTE_END) + r"\n?", re.DOTALL)
+_original_create_or_update_model_card: Any = None
+
+
+def _card_adapter(peft_model: PeftModel) -> Optional[str]:
+    """The Child-Tuning adapter that a card of `peft_model` is about: an active one, else the first; None if none."""
+    configs = peft_model.peft_config
+    for name in [*peft_model.active_adapters, *configs]:
+        if isinstance(configs.get(name), ChildTuningConfig):
+            return name
+    return None
+
+
+def with_loading_note(card_text: str, note: str) -> str:
+    """A card's text (below its metadata) with `note` between our markers: in place of the one it has, else before
+    its first section (``## ...``, after the title and summary), else at its end."""
+    block = f"{_NOTE_BEGIN}\n{note.strip()}\n{_NOTE_END}\n"
+    if _NOTE_BLOCK.search(card_text):
+        return _NOTE_BLOCK.sub(lambda _: block, card_text, count=1)
+    section = re.search(r"^## ", card_text, re.MULTILINE)
+    if section is None:
+        return f"{card_text.rstrip()}\n\n{block}"
+    return f"{card_text[:section.start()]}{block}\n{card_text[section.start():]}"
+
+
+def _create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+    """PeftModel.create_or_update_model_card, then, for a model with a Child-Tuning adapter, our tags and
+    `loading_note` in the card."""
+    from huggingface_hub import ModelCard
+
+    _original_create_or_update_model_card(self, output_dir)
+    adapter_name = _card_adapter(self)
+    if adapter_name is None:
+        return
+    path = os.path.join(output_dir, "README.md")
+    card = ModelCard.load(path)
+    card.data["tags"] = sorted(set(card.data.tags or []) | set(CARD_TAGS))
+    card.text = with_loading_note(card.text, loading_note(self, adapter_name))
+    card.save(path)
+
+
+def enable_peft_model_card() -> None:
+    """Make the model card that peft writes for a model with a Child-Tuning adapter carry our tags
+    (`CARD_TAGS`) and `loading_note`.
+
+    peft writes that card (``README.md``) in ``PeftModel.save_pretrained`` and, through transformers'
+    ``Trainer.create_model_card``, over the card of ``Trainer.push_to_hub``: both call
+    ``PeftModel.create_or_update_model_card``, which this wraps. ``import peft_childtuning`` calls it; idempotent.
+    """
+    global _original_create_or_update_model_card
+    if PeftModel.__dict__.get("create_or_update_model_card") is _create_or_update_model_card:
+        return
+    _original_create_or_update_model_card = PeftModel.create_or_update_model_card
+    PeftModel.create_or_update_model_card = _create_or_update_model_card

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,14 @@ class _ChildLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_values, None, grad_bias, None
 
 
+class DecodedPositions(NamedTuple):
+    """Decoded child positions, and the encoded positions tensor they were decoded from (held, so that its identity
+    cannot pass to a new tensor)."""
+
+    encoded: torch.Tensor
+    positions: torch.Tensor
+
+
 class ChildTuningLayer(BaseTunerLayer):
     """Child-Tuning adapter state and logic, for any module with a `weight` (Linear, Conv1D, Embedding, norms...)."""
 
@@ -143,8 +151,11 @@ class ChildTuningLayer(BaseTunerLayer):
         self.childtuning_spec: dict[str, AdapterSpec] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        # decoded positions per (adapter, tensor name), with the identity of the encoded buffer they came from
-        self._decoded_positions: dict[tuple[str, str], tuple[tuple[int, int], torch.Tensor]] = {}
+        # peft's disable_input_dtype_casting switches it off; nothing here reads it, as the forward never casts its
+        # input: the child values are cast to the weight's dtype, and the base computation gets the input as given
+        self.cast_input_dtype_enabled: bool = True
+        # decoded positions per (adapter, tensor name), with the encoded buffer they came from
+        self._decoded_positions: dict[tuple[str, str], DecodedPositions] = {}
         # positions decoded while a checkpoint was validated, with its encoded tensor: reused once it is loaded
         self._validated_positions: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         # the base values that merging overwrote, per (adapter, tensor name): unmerge copies them back
@@ -181,7 +192,12 @@ class ChildTuningLayer(BaseTunerLayer):
         """The name of a tuned tensor in the base model, e.g. 'encoder.layer.0.attention.self.query.weight'."""
         return f"{self.module_key}.{tensor_name}"
 
-    def update_layer(self, adapter_name: str, config: ChildTuningConfig) -> None:
+    def update_layer(self, adapter_name: str, config: ChildTuningConfig, values_on_meta: bool = False) -> None:
+        """Add the adapter's values (and positions) for this layer's tuned tensors.
+
+        `values_on_meta`: a loader will assign the file's values (peft's low_cpu_mem_usage), so their placeholders
+        are created on the meta device instead of being allocated, filled and then thrown away.
+        """
         base = self.get_base_layer()
         names = ["weight"] + (["bias"] if config.tune_bias and getattr(base, "bias", None) is not None else [])
         encodings = {}
@@ -189,7 +205,7 @@ class ChildTuningLayer(BaseTunerLayer):
             tensor = getattr(base, tensor_name)
             values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
             if config.mode == "f":
-                values = tensor.detach().clone()
+                values = torch.empty_like(tensor, device="meta") if values_on_meta else tensor.detach().clone()
             else:
                 key = self.tensor_key(tensor_name)
                 size = (config.child_sizes or {}).get(key, 0)
@@ -206,7 +222,12 @@ class ChildTuningLayer(BaseTunerLayer):
                     encodings[tensor_name] = (config.child_encodings or {}).get(key, "int32")
                     encoded = placeholder(tensor.numel(), size, encodings[tensor_name])
                     # NaN until loaded: a loader that skips a tensor is caught at first use, never a wrong model
-                    values = torch.full((size,), float("nan"), dtype=tensor.dtype, device=tensor.device)
+                    # (an adapter awaiting its Fisher pass keeps real, empty ones: it may adopt a checkpoint's child
+                    # network, which resizes them in place)
+                    on_meta = values_on_meta and config.child_sizes is not None
+                    values = torch.full(
+                        (size,), float("nan"), dtype=tensor.dtype, device="meta" if on_meta else tensor.device
+                    )
                 getattr(self, positions_attr)[adapter_name] = encoded.to(tensor.device)
             if not config.init_weights:
                 values = values.float() + _TEST_INIT_NOISE * torch.randn(values.shape, device=values.device)
@@ -279,24 +300,36 @@ class ChildTuningLayer(BaseTunerLayer):
         spec = self.childtuning_spec[adapter_name]
         if spec.mode == "f" and values.requires_grad and torch.is_grad_enabled() and spec.reserve_p < 1.0:
             return BernoulliGradientMask.apply(
-                values, spec.reserve_p, spec.seed, self.step_counter.step, self.tensor_key(tensor_name)
+                values, self.step_counter.step_tensor, spec.reserve_p, spec.seed, self.tensor_key(tensor_name)
             )
         return values
 
     def _positions(self, adapter_name: str, tensor_name: str) -> Optional[torch.Tensor]:
         """The adapter's child positions in one tensor (sorted, see `decode_positions`), or None where it tunes every
-        entry (mode f)."""
+        entry (mode f).
+
+        Decoded once per encoded positions tensor (`_decode_positions`); a lookup and an identity check afterwards,
+        which torch.compile traces (and guards on) without breaking the graph. A tensor replaced (a new child
+        network, a move to another device, a load with assign=True) is decoded again; one written in place by
+        ``load_state_dict`` is forgotten before the load (`_forget_positions_being_loaded`).
+        """
         encoded_positions = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])
         if adapter_name not in encoded_positions:
             return None
-        encoded = encoded_positions[adapter_name]
-        identity = (encoded.data_ptr(), encoded._version)
         cached = self._decoded_positions.get((adapter_name, tensor_name))
+        if cached is None or cached.encoded is not encoded_positions[adapter_name]:
+            cached = self._decode_positions(adapter_name, tensor_name)
+        return cached.positions
+
+    @torch.compiler.disable  # numpy, data-dependent checks: run eagerly, once, rather than traced
+    def _decode_positions(self, adapter_name: str, tensor_name: str) -> DecodedPositions:
+        """Decode and cache the adapter's positions in one tensor, checking them and its values first (a loader that
+        skipped them left NaN); positions decoded while a checkpoint was validated are taken as they are."""
+        encoded = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])[adapter_name]
         validated = self._validated_positions.pop((adapter_name, tensor_name), None)
-        if (cached is None or cached[0] != identity) and validated is not None and torch.equal(validated[0], encoded):
-            cached = (identity, validated[1])  # checked (values and positions) before it was loaded
-            self._decoded_positions[(adapter_name, tensor_name)] = cached
-        if cached is None or cached[0] != identity:
+        if validated is not None and torch.equal(validated[0], encoded):
+            positions = validated[1]  # checked (values and positions) before it was loaded
+        else:
             base_tensor = getattr(self.get_base_layer(), tensor_name)
             values = self.child_values(adapter_name, tensor_name)
             if not values.is_meta and not all_finite(values):
@@ -319,9 +352,9 @@ class ChildTuningLayer(BaseTunerLayer):
                     "PeftModel.from_pretrained or load_adapter, or create the adapter from a config without "
                     "child_sizes."
                 ) from error
-            cached = (identity, positions)
-            self._decoded_positions[(adapter_name, tensor_name)] = cached
-        return cached[1]
+        decoded = DecodedPositions(encoded, positions)
+        self._decoded_positions[(adapter_name, tensor_name)] = decoded
+        return decoded
 
     def compose(self, tensor_name: str, adapter_names: list[str]) -> torch.Tensor:
         """The tensor as the active adapters see it, differentiable in their values.
@@ -376,11 +409,28 @@ class ChildTuningLayer(BaseTunerLayer):
             encodings = {name: encoding for name, encoding in spec.encodings.items() if name != tensor_name}
             self.childtuning_spec[adapter_name] = replace(spec, awaits_fisher_pass=False, encodings=encodings)
 
+    def _get_available_adapters(self) -> set[str]:
+        """Every adapter of the layer, also one whose child network here is empty (no values, yet merged with the
+        others): get_layer_status would otherwise report it merged but not available."""
+        return set(self.childtuning_spec)
+
     def delete_adapter(self, adapter_name: str) -> None:
+        """peft's, also for a merged adapter: unmerged first (its originals written back), the others merged again.
+
+        transformers' delete_adapter (peft.functional's) reaches the layers without peft's refusal of merged adapters,
+        and its load_adapter leaves Child-Tuning adapters merged: deleting one merged would leave its values in the
+        base weights for good.
+        """
+        remerge = [name for name in self.merged_adapters if name != adapter_name]
+        merged = adapter_name in self.merged_adapters
+        if merged:
+            self.unmerge()
         super().delete_adapter(adapter_name)
         for cache in (self._decoded_positions, self._validated_positions):
             for key in [key for key in cache if key[0] == adapter_name]:
                 del cache[key]
+        if merged and remerge:
+            self.merge(adapter_names=remerge)
 
     # ----------------------------------------------------------------------------------------------- merging
     def _merged_values(self, adapter_name: str, tensor_name: str) -> tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -477,6 +527,15 @@ class ChildTuningLayer(BaseTunerLayer):
         return delta.view_as(weight)
 
 
+def _forget_positions_being_loaded(
+    layer: ChildTuningLayer, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """A load_state_dict pre-hook: positions that the load writes in place are decoded afresh at their next use."""
+    for adapter_name, tensor_name in list(layer._decoded_positions):
+        if f"{prefix}{TUNED_TENSOR_CONTAINERS[tensor_name][1]}.{adapter_name}" in state_dict:
+            del layer._decoded_positions[(adapter_name, tensor_name)]
+
+
 class ChildTuningModule(nn.Module, ChildTuningLayer):
     """A module wrapped by Child-Tuning (any module with a `weight`; Linear and Conv1D take the fast path)."""
 
@@ -487,11 +546,13 @@ class ChildTuningModule(nn.Module, ChildTuningLayer):
         config: ChildTuningConfig,
         module_key: str,
         step_counter: MaskStepCounter,
+        values_on_meta: bool = False,
     ) -> None:
         super().__init__()
         ChildTuningLayer.__init__(self, base_layer, module_key=module_key, step_counter=step_counter)
+        self.register_load_state_dict_pre_hook(_forget_positions_being_loaded)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, values_on_meta=values_on_meta)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -510,15 +571,10 @@ class ChildTuningModule(nn.Module, ChildTuningLayer):
         if isinstance(base, (nn.Linear, Conv1D)) and not args and not kwargs:
             weight_is_in_by_out = isinstance(base, Conv1D)
             bias = self.compose("bias", active) if "bias" in tuned else base.bias
-            if len(active) == 1 and self._positions(active[0], "weight") is not None:
-                return _ChildLinearFunction.apply(
-                    x,
-                    base.weight,
-                    self._trainable_values(active[0], "weight"),
-                    self._positions(active[0], "weight"),
-                    bias,
-                    weight_is_in_by_out,
-                )
+            positions = self._positions(active[0], "weight") if len(active) == 1 else None
+            if positions is not None:
+                values = self._trainable_values(active[0], "weight")
+                return _ChildLinearFunction.apply(x, base.weight, values, positions, bias, weight_is_in_by_out)
             weight = self.compose("weight", active)
             return F.linear(x, weight.t() if weight_is_in_by_out else weight, bias)
         overrides = {name: self.compose(name, active) for name in tuned}

@@ -602,6 +602,18 @@ def _call_arguments(bound: dict[str, Any], bound_apart: tuple[str, ...]) -> dict
     return call
 
 
+def _assigning(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], call: dict[str, Any], saved: dict[str, Any]
+) -> dict[str, Any]:
+    """`call` loading with low_cpu_mem_usage unless the caller chose: a fresh adapter's Parameters then take the
+    checked tensors read from the file as they are, with no placeholders allocated, filled and copied over. Not for
+    a config without its child network (it adopts the file's, resizing real placeholders)."""
+    passed = inspect.signature(_ORIGINALS[name]).bind_partial(*args, **kwargs).arguments
+    if "low_cpu_mem_usage" in passed or (saved.get("mode") == "d" and saved.get("child_sizes") is None):
+        return call
+    return {**call, "low_cpu_mem_usage": True}
+
+
 def _peft_from_pretrained(cls: type, model: nn.Module, model_id: Any, *args: Any, **kwargs: Any) -> Any:
     bound = _bind("from_pretrained", (cls, model, model_id, *args), kwargs)
     config, adapter_name = bound.get("config"), bound.get("adapter_name", "default")
@@ -609,8 +621,9 @@ def _peft_from_pretrained(cls: type, model: nn.Module, model_id: Any, *args: Any
     if folder is None:
         with restoring(model):
             return _ORIGINALS["from_pretrained"](cls, model, model_id, *args, **kwargs)
-    pending, _ = _open_checkpoint(folder, adapter_name, config, bound.get("kwargs", {}), check_when_injected=False)
+    pending, saved = _open_checkpoint(folder, adapter_name, config, bound.get("kwargs", {}), check_when_injected=False)
     call = _call_arguments(bound, ("cls", "model", "model_id"))
+    call = _assigning("from_pretrained", (cls, model, model_id, *args), kwargs, call, saved)
     with load_transaction(model, pending):
         return _ORIGINALS["from_pretrained"](cls, model, folder, **call)
 
@@ -629,6 +642,8 @@ def _peft_load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, 
             return _ORIGINALS["load_adapter"](self, model_id, adapter_name, *args, **kwargs)
     pending, saved = _open_checkpoint(folder, adapter_name, existing, bound.get("kwargs", {}), check_when_injected=False)
     call = _call_arguments(bound, ("self", "model_id", "adapter_name"))
+    if existing is None:
+        call = _assigning("load_adapter", (self, model_id, adapter_name, *args), kwargs, call, saved)
     with load_transaction(self, pending):
         if existing is not None:
             _check_same_adapter(self, existing, saved, adapter_name, folder)

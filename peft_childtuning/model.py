@@ -57,6 +57,176 @@ def record_child_network(model: nn.Module, config: ChildTuningConfig, adapter_na
     config.child_encodings = encodings
 
 
+def child_tuning_adapters(model: nn.Module) -> dict[str, ChildTuningConfig]:
+    """The Child-Tuning adapters that have layers in `model`, with their configs, however they were added.
+
+    The configs live in a ``peft_config`` dict. ``get_peft_model``'s tuner keeps one and puts the same dict on the
+    model it wraps; peft's ``inject_adapter_in_model`` and transformers' ``add_adapter`` leave only the dict on the
+    model itself. The layers' specs hold too little to save the adapter, so the child network must be recorded in
+    this config (`record_child_network`), the one ``save_pretrained`` writes.
+    """
+    in_layers = {
+        name for module in model.modules() if isinstance(module, ChildTuningLayer) for name in module.childtuning_spec
+    }
+    adapters: dict[str, ChildTuningConfig] = {}
+    for module in model.modules():
+        configs = module.__dict__.get("peft_config")  # not PeftModel's property, nor BaseTuner's forwarding
+        if not isinstance(configs, dict):
+            continue
+        for name, config in configs.items():
+            if isinstance(config, ChildTuningConfig) and name in in_layers:
+                if adapters.setdefault(name, config) is not config:
+                    raise ValueError(
+                        f"The model holds two different configs for Child-Tuning adapter '{name}' (in two "
+                        "`peft_config` dicts), so it is unclear which one to save; add each adapter once, through "
+                        "one entry point (get_peft_model, add_adapter or inject_adapter_in_model)."
+                    )
+    return adapters
+
+
+def active_child_tuning_adapters(model: nn.Module) -> list[str]:
+    """The names of the Child-Tuning adapters active in `model`'s layers, in model order."""
+    active: list[str] = []
+    for module in model.modules():
+        if isinstance(module, ChildTuningLayer):
+            for name in module.active_adapters:
+                if name in module.childtuning_spec and name not in active:
+                    active.append(name)
+    return active
+
+
+@contextmanager
+def _layers_disabled(model: nn.Module) -> Iterator[None]:
+    """Every Child-Tuning layer of `model` computes with its base tensors only, for the duration."""
+    layers = [module for module in model.modules() if isinstance(module, ChildTuningLayer)]
+    saved = [layer._disable_adapters for layer in layers]
+    try:
+        for layer in layers:
+            layer._disable_adapters = True
+        yield
+    finally:
+        for layer, disabled in zip(layers, saved):
+            layer._disable_adapters = disabled
+
+
+def detect_child_network(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    num_batches: Optional[int] = None,
+    loss_fn: Optional[LossFunction] = None,
+    max_grad_norm: Optional[float] = 1.0,
+    adapter_name: Optional[str] = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Estimate the Fisher information on the task data and make the top `reserve_p` fraction the child network.
+
+    Works on any model holding Child-Tuning-D layers that wait for their Fisher pass, however they were added: a
+    PeftModel (``get_peft_model``), a transformers model after ``model.add_adapter(ChildTuningConfig(...))``, any
+    module after ``peft.inject_adapter_in_model(config, module)``. The child network is recorded in the adapter's
+    config (``child_sizes``, ``child_encodings``), so the adapter saves and reloads with it.
+
+    Args:
+        model: the model; ``model(**batch)`` (or ``loss_fn(model, batch)``) computes the loss.
+        dataloader: any iterable of batches (a DataLoader, a list); each batch a dict for `model(**batch)` that
+            returns `.loss`, unless `loss_fn` is given.
+        num_batches: use only the first `num_batches` batches (default: all of them).
+        loss_fn: `loss_fn(model, batch) -> scalar loss`, for batches or losses of another form.
+        max_grad_norm: each batch's gradient of each tensor is clipped to this norm on its own, as the released
+            code does (None: no clipping).
+        adapter_name: the mode-"d" adapter (default: the active one).
+        progress: show a progress bar.
+
+    Returns:
+        The number of child entries of each tuned tensor (also stored as the config's `child_sizes`); a tensor
+        whose child network came out empty is not tuned, and not listed.
+
+    Raises:
+        RuntimeError: the adapter already has its child network (a second call), or the model was wrapped in
+            DistributedDataParallel before this call (call it before wrapping).
+    """
+    adapters = child_tuning_adapters(model)
+    if adapter_name is None:
+        active = active_child_tuning_adapters(model)
+        if len(active) != 1:
+            raise ValueError(
+                f"detect_child_network: {len(active)} Child-Tuning adapters are active ({active}); pass adapter_name=."
+                if active
+                else "detect_child_network: the model has no active Child-Tuning adapter. Add one first: "
+                "get_peft_model(base, ChildTuningConfig(...)), base.add_adapter(ChildTuningConfig(...)) or "
+                "peft.inject_adapter_in_model(ChildTuningConfig(...), base)."
+            )
+        adapter_name = active[0]
+    if adapter_name not in adapters:
+        raise ValueError(
+            f"detect_child_network: the model has no Child-Tuning adapter '{adapter_name}' with its config (adapters: "
+            f"{sorted(adapters)}); its config must be in the model's `peft_config`, as every entry point puts it."
+        )
+    config = adapters[adapter_name]
+    if config.mode != "d":
+        raise ValueError(
+            f"Adapter '{adapter_name}' is in mode 'f', which draws a fresh random mask every step and has no child "
+            "network to detect; detect_child_network is for mode 'd'."
+        )
+    if any(module.merged for module in model.modules() if isinstance(module, ChildTuningLayer)):
+        raise RuntimeError("detect_child_network needs the adapters unmerged: call model.unmerge_adapter() first.")
+    if not config.needs_fisher_pass:
+        origin = (
+            "selection='random' chose it when the adapter was created"
+            if config.selection == "random"
+            else "chosen by an earlier detect_child_network, or loaded with the adapter"
+        )
+        raise RuntimeError(
+            f"Adapter '{adapter_name}' already has its child network ({origin}); detect_child_network chooses it "
+            "once, before training. Choosing it again would restart the trained values from the base and leave "
+            "optimizers with state for the old child network. For a new child network, add a fresh adapter "
+            "(model.add_adapter(name, ChildTuningConfig(...))) or wrap a fresh base model."
+        )
+    tuned = list(tuned_tensors(model, adapter_name))
+    held = [
+        key
+        for layer, tensor_name, key, _ in tuned
+        if gradient_accumulator_is_held(layer.child_values(adapter_name, tensor_name))
+    ]
+    if held:
+        raise RuntimeError(
+            f"detect_child_network: autograd already holds the values of adapter '{adapter_name}' (e.g. for "
+            f"{held[0]}) with their empty placeholder shapes: the model is wrapped in DistributedDataParallel, "
+            "whose gradient buckets cannot follow the child network (or a graph of an earlier forward pass is "
+            "still alive), and the first backward would fail. Call detect_child_network(...) before "
+            "wrapping the model (before DistributedDataParallel(model) or accelerator.prepare(model)); with the "
+            "transformers Trainer, call peft_childtuning.prepare_child_network(trainer) before trainer.train(). "
+            "Without a wrapper, let go of the outputs of earlier forward passes (or run them under "
+            "torch.no_grad()) first."
+        )
+    with _layers_disabled(model):  # the base tensors take the gradient; the adapter must not hide entries
+        fisher = estimate_fisher(
+            model,
+            {key: tensor for _, _, key, tensor in tuned},
+            dataloader,
+            num_batches=num_batches,
+            loss_fn=loss_fn,
+            max_grad_norm=max_grad_norm,
+            progress=progress,
+        )
+    scores = [fisher.pop(key) for _, _, key, _ in tuned]
+    total = sum(score.numel() for score in scores)
+    threshold = top_k_threshold(scores, child_size(config.reserve_p, total))
+    for index, (layer, tensor_name, _, _) in enumerate(tuned):
+        # one tensor's positions at a time, and its scores freed once they are installed
+        layer.set_child_network(adapter_name, tensor_name, threshold.positions(index, scores[index]))
+        scores[index] = None
+    record_child_network(model, config, adapter_name)
+    chosen_total = sum(config.child_sizes.values())
+    logger.info(
+        "Child-Tuning-D: child network of %d / %d entries (%.2f%%) in %d tensors",
+        chosen_total,
+        total,
+        100.0 * chosen_total / max(total, 1),
+        len(tuned),
+    )
+    return dict(config.child_sizes)
+
+
 class ChildTuningModel(BaseTuner):
     """Child-Tuning (Xu et al., EMNLP 2021) as a peft tuner.
 
@@ -78,6 +248,7 @@ class ChildTuningModel(BaseTuner):
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         # created before injection: every layer shares it, and mode "f" masks are seeded by its step
         self.mask_step_counter = MaskStepCounter(self._trainable_adapter_parameters)
+        self._values_on_meta = False  # set while injecting for a loader that assigns the file's tensors
         super().__init__(model, config, adapter_name, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- injection
@@ -90,8 +261,9 @@ class ChildTuningModel(BaseTuner):
         parent: nn.Module,
         current_key: str,
     ) -> None:
+        values_on_meta = self._values_on_meta
         if isinstance(target, ChildTuningLayer):
-            target.update_layer(adapter_name, config)
+            target.update_layer(adapter_name, config, values_on_meta=values_on_meta)
             return
         weight = getattr(target, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
@@ -100,7 +272,12 @@ class ChildTuningModel(BaseTuner):
                 "Target modules with a weight (Linear, Conv1D, Embedding, LayerNorm, ...)."
             )
         new_module = ChildTuningModule(
-            target, adapter_name, config, module_key=current_key, step_counter=self.mask_step_counter
+            target,
+            adapter_name,
+            config,
+            module_key=current_key,
+            step_counter=self.mask_step_counter,
+            values_on_meta=values_on_meta,
         )
         attach_load_hooks(new_module)
         new_module.train(target.training)  # a module added later follows the model's mode (train or eval)
@@ -108,10 +285,17 @@ class ChildTuningModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+    def inject_adapter(
+        self, model: nn.Module, adapter_name: str, *args: Any, low_cpu_mem_usage: bool = False, **kwargs: Any
+    ) -> None:
         config = self.peft_config[adapter_name]
         _check_child_sizes_fit(model, config)  # before any layer allocates its placeholders
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # low_cpu_mem_usage: the loader assigns the file's tensors, so the values' placeholders are never allocated
+        self._values_on_meta = low_cpu_mem_usage
+        try:
+            super().inject_adapter(model, adapter_name, *args, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
+        finally:
+            self._values_on_meta = False
         tensors = list(self._tuned_tensors(adapter_name))
         if config.child_sizes is not None:
             untuned = sorted(set(key for key, size in config.child_sizes.items() if size) - {t[2] for t in tensors})
@@ -158,18 +342,6 @@ class ChildTuningModel(BaseTuner):
     def _trainable_adapter_parameters(self) -> list[nn.Parameter]:
         return [parameter for name, parameter in self.model.named_parameters() if self.prefix in name]
 
-    @contextmanager
-    def _tuner_layers_disabled(self) -> Iterator[None]:
-        layers = [module for module in self.model.modules() if isinstance(module, ChildTuningLayer)]
-        saved = [layer._disable_adapters for layer in layers]
-        try:
-            for layer in layers:
-                layer._disable_adapters = True
-            yield
-        finally:
-            for layer, disabled in zip(layers, saved):
-                layer._disable_adapters = disabled
-
     # ----------------------------------------------------------------------------------------------- mode "d"
     def detect_child_network(
         self,
@@ -182,94 +354,18 @@ class ChildTuningModel(BaseTuner):
     ) -> dict[str, int]:
         """Estimate the Fisher information on the task data and make the top `reserve_p` fraction the child network.
 
-        Args:
-            dataloader: any iterable of batches (a DataLoader, a list); each batch a dict for `model(**batch)` that
-                returns `.loss`, unless `loss_fn` is given.
-            num_batches: use only the first `num_batches` batches (default: all of them).
-            loss_fn: `loss_fn(model, batch) -> scalar loss`, for batches or losses of another form.
-            max_grad_norm: each batch's gradient of each tensor is clipped to this norm on its own, as the released
-                code does (None: no clipping).
-            adapter_name: the mode-"d" adapter (default: the active one).
-            progress: show a progress bar.
-
-        Returns:
-            The number of child entries of each tuned tensor (also stored as the config's `child_sizes`); a tensor
-            whose child network came out empty is not tuned, and not listed.
-
-        Raises:
-            RuntimeError: the adapter already has its child network (a second call), or the model was wrapped in
-                DistributedDataParallel before this call (call it before wrapping).
+        `peft_childtuning.detect_child_network(model, ...)` on the model this tuner wraps; see there. The loss is
+        that of the wrapped transformers model (``loss_fn`` receives it).
         """
-        adapter_name = adapter_name or self._single_active_adapter()
-        config = self.peft_config[adapter_name]
-        if config.mode != "d":
-            raise ValueError(
-                f"Adapter '{adapter_name}' is in mode 'f', which draws a fresh random mask every step and has no child "
-                "network to detect; detect_child_network is for mode 'd'."
-            )
-        if any(module.merged for module in self.model.modules() if isinstance(module, ChildTuningLayer)):
-            raise RuntimeError("detect_child_network needs the adapters unmerged: call model.unmerge_adapter() first.")
-        if not config.needs_fisher_pass:
-            origin = (
-                "selection='random' chose it when the adapter was created"
-                if config.selection == "random"
-                else "chosen by an earlier detect_child_network, or loaded with the adapter"
-            )
-            raise RuntimeError(
-                f"Adapter '{adapter_name}' already has its child network ({origin}); detect_child_network chooses it "
-                "once, before training. Choosing it again would restart the trained values from the base and leave "
-                "optimizers with state for the old child network. For a new child network, add a fresh adapter "
-                "(model.add_adapter(name, ChildTuningConfig(...))) or wrap a fresh base model."
-            )
-        tuned = list(self._tuned_tensors(adapter_name))
-        held = [
-            key
-            for layer, tensor_name, key, _ in tuned
-            if gradient_accumulator_is_held(layer.child_values(adapter_name, tensor_name))
-        ]
-        if held:
-            raise RuntimeError(
-                f"detect_child_network: autograd already holds the values of adapter '{adapter_name}' (e.g. for "
-                f"{held[0]}) with their empty placeholder shapes: the model is wrapped in DistributedDataParallel, "
-                "whose gradient buckets cannot follow the child network (or a graph of an earlier forward pass is "
-                "still alive), and the first backward would fail. Call model.detect_child_network(...) before "
-                "wrapping the model (before DistributedDataParallel(model) or accelerator.prepare(model)); with the "
-                "transformers Trainer, call peft_childtuning.prepare_child_network(trainer) before trainer.train(). "
-                "Without a wrapper, let go of the outputs of earlier forward passes (or run them under "
-                "torch.no_grad()) first."
-            )
-        with self._tuner_layers_disabled():  # the base tensors take the gradient; the adapter must not hide entries
-            fisher = estimate_fisher(
-                self.model,
-                {key: tensor for _, _, key, tensor in tuned},
-                dataloader,
-                num_batches=num_batches,
-                loss_fn=loss_fn,
-                max_grad_norm=max_grad_norm,
-                progress=progress,
-            )
-        scores = [fisher.pop(key) for _, _, key, _ in tuned]
-        total = sum(score.numel() for score in scores)
-        threshold = top_k_threshold(scores, child_size(config.reserve_p, total))
-        for index, (layer, tensor_name, _, _) in enumerate(tuned):
-            # one tensor's positions at a time, and its scores freed once they are installed
-            layer.set_child_network(adapter_name, tensor_name, threshold.positions(index, scores[index]))
-            scores[index] = None
-        record_child_network(self.model, config, adapter_name)
-        chosen_total = sum(config.child_sizes.values())
-        logger.info(
-            "Child-Tuning-D: child network of %d / %d entries (%.2f%%) in %d tensors",
-            chosen_total,
-            total,
-            100.0 * chosen_total / max(total, 1),
-            len(tuned),
+        return detect_child_network(
+            self.model,
+            dataloader,
+            num_batches=num_batches,
+            loss_fn=loss_fn,
+            max_grad_norm=max_grad_norm,
+            adapter_name=adapter_name,
+            progress=progress,
         )
-        return dict(config.child_sizes)
-
-    def _single_active_adapter(self) -> str:
-        if len(self.active_adapters) != 1:
-            raise ValueError(f"Several adapters are active ({self.active_adapters}); pass adapter_name=.")
-        return self.active_adapters[0]
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
@@ -337,11 +433,13 @@ class ChildTuningModel(BaseTuner):
         """
         check_checkpoint(model, config, adapter_name, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        model_tensors = model.state_dict(keep_vars=True)
         for key, tensor in remapped.items():
-            target = model_tensors.get(key, model_tensors.get(key.removeprefix("base_model.model.")))
-            if f".modules_to_save.{adapter_name}." in key and target is not None and tensor.dtype != target.dtype:
-                remapped[key] = tensor.to(target.dtype)
+            if f".modules_to_save.{adapter_name}." in key:
+                target = _model_tensor(model, key)
+                if target is None:
+                    target = _model_tensor(model, key.removeprefix("base_model.model."))
+                if target is not None and tensor.dtype != target.dtype:
+                    remapped[key] = tensor.to(target.dtype)
         return remapped
 
     # ----------------------------------------------------------------------------------------------- unloading
@@ -368,6 +466,17 @@ class ChildTuningModel(BaseTuner):
         for module, names in remerge.items():
             if names:
                 module.merge(adapter_names=names)
+
+
+def _model_tensor(model: nn.Module, key: str) -> Optional[torch.Tensor]:
+    """The parameter or buffer `key` (a state-dict name) of `model`, or None."""
+    module_name, _, tensor_name = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    tensor = getattr(module, tensor_name, None)
+    return tensor if isinstance(tensor, torch.Tensor) else None
 
 
 def _check_child_sizes_fit(model: nn.Module, config: ChildTuningConfig) -> None:

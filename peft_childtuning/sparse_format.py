@@ -201,40 +201,44 @@ def read_adapter_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     """(tensors, whether checksums were stored) of a safetensors file, read into memory once and checked against
     their stored checksums.
 
-    Read with one ``read()`` rather than mapped: the bytes checked are the bytes loaded, even if the file is being
-    rewritten meanwhile (a mapped file shrinking under a reader kills it with SIGBUS). The tensors are views of that
-    one buffer (safetensors' own `load` would copy every byte once more, which doubled the cost of reading an
-    adapter), so the header is checked here as safetensors checks it: known dtypes, shapes that fit their byte
-    ranges, ranges that tile the data exactly, no name twice. Files written before checksums were stored load
-    unchecked; in a file with checksums, every tensor must have one and match it.
+    Read with ``read()`` rather than mapped: the bytes checked are the bytes loaded, even if the file is being
+    rewritten meanwhile (a mapped file shrinking under a reader kills it with SIGBUS). Each tensor is read straight
+    into memory of its own (safetensors' own `load` would copy every byte once more, which doubled the cost of
+    reading an adapter), so a loader can make it the adapter's Parameter as it is, and nothing shares storage
+    (which `safetensors.save_file`, e.g. in accelerate's `save_state`, refuses). The header is checked here as
+    safetensors checks it: known dtypes, shapes that fit their byte ranges, ranges that tile the data exactly, no
+    name twice. Files written before checksums were stored load unchecked; in a file with checksums, every tensor
+    must have one and match it.
     """
     path = os.fspath(path)
     try:
         with open(path, "rb") as handle:
-            buffer = torch.empty(os.fstat(handle.fileno()).st_size, dtype=torch.uint8)  # not zero-filled
-            buffer = buffer[: handle.readinto(memoryview(buffer.numpy()))]  # a file shrinking meanwhile: what was read
-        data = memoryview(buffer.numpy())
+            file_size = os.fstat(handle.fileno()).st_size
+            head = handle.read(8)
+            if len(head) < 8:
+                raise AdapterFormatError(f"{path}: {len(head)} bytes is too short for a safetensors file (truncated?).")
+            (header_length,) = struct.unpack("<Q", head)
+            if header_length > min(file_size - 8, _MAX_HEADER_BYTES):
+                raise AdapterFormatError(f"{path}: the safetensors header claims {header_length} bytes (truncated?).")
+            header_bytes = handle.read(header_length)
+            try:
+                header = json.loads(header_bytes, object_pairs_hook=_refuse_repeated_names)
+                metadata, entries = _check_header(header, file_size - 8 - header_length)
+            except ValueError as error:  # JSONDecodeError, UnicodeDecodeError included
+                raise AdapterFormatError(
+                    f"{path}: not a valid safetensors file ({error}); save the adapter again."
+                ) from error
+            raw = {}
+            for name, (_, _, start, end) in sorted(entries.items(), key=lambda item: item[1][2]):
+                buffer = torch.empty(end - start, dtype=torch.uint8)  # not zero-filled: read into directly
+                if end > start and handle.readinto(memoryview(buffer.numpy())) != end - start:
+                    raise AdapterFormatError(f"{path}: the file ends inside tensor {name} (truncated while read?).")
+                raw[name] = buffer
     except OSError as error:
         raise AdapterFormatError(f"{path}: cannot be read ({error}).") from error
-    if len(data) < 8:
-        raise AdapterFormatError(f"{path}: {len(data)} bytes is too short for a safetensors file (truncated?).")
-    (header_length,) = struct.unpack("<Q", data[:8])
-    if header_length > min(len(data) - 8, _MAX_HEADER_BYTES):
-        raise AdapterFormatError(f"{path}: the safetensors header claims {header_length} bytes (truncated?).")
-    try:
-        header = json.loads(bytes(data[8 : 8 + header_length]), object_pairs_hook=_refuse_repeated_names)
-        metadata, entries = _check_header(header, len(data) - 8 - header_length)
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError included
-        raise AdapterFormatError(f"{path}: not a valid safetensors file ({error}); save the adapter again.") from error
-    data_start = 8 + header_length
     if CHECKSUMS_METADATA_KEY in metadata:
-        _check_checksums(path, data, data_start, entries, metadata[CHECKSUMS_METADATA_KEY])
-    tensors = {}
-    for name, (dtype, shape, start, end) in entries.items():
-        raw = buffer[data_start + start : data_start + end]
-        if (data_start + start) % dtype.itemsize:  # a view must be aligned to its dtype (safetensors aligns them)
-            raw = raw.clone()
-        tensors[name] = raw.view(dtype).reshape(shape)
+        _check_checksums(path, raw, metadata[CHECKSUMS_METADATA_KEY])
+    tensors = {name: raw[name].view(dtype).reshape(shape) for name, (dtype, shape, _, _) in entries.items()}
     return tensors, CHECKSUMS_METADATA_KEY in metadata
 
 
@@ -280,24 +284,23 @@ def _check_header(header: Any, data_length: int) -> tuple[dict[str, str], dict[s
     return metadata, entries
 
 
-def _check_checksums(path: str, data: memoryview, data_start: int, entries: dict[str, tuple], recorded_json: str) -> None:
+def _check_checksums(path: str, raw: dict[str, torch.Tensor], recorded_json: str) -> None:
     try:
         recorded = json.loads(recorded_json)
         if not isinstance(recorded, dict):
             raise ValueError("not a JSON object")
     except ValueError as error:
         raise AdapterFormatError(f"{path}: its tensor checksums cannot be read ({error}).") from error
-    if set(recorded) != set(entries):
-        added, missing = sorted(set(entries) - set(recorded)), sorted(set(recorded) - set(entries))
+    if set(recorded) != set(raw):
+        added, missing = sorted(set(raw) - set(recorded)), sorted(set(recorded) - set(raw))
         raise AdapterFormatError(
             f"{path}: the file's tensors are not the ones it was saved with (added: {added or 'none'}, "
             f"missing: {missing or 'none'}); save the adapter again."
         )
-    names = list(entries)
+    names = list(raw)
 
     def checksum(name: str) -> str:
-        _, _, start, end = entries[name]
-        return _crc32(data[data_start + start : data_start + end])
+        return _crc32(raw[name].numpy())
 
     # zlib computes CRCs without the GIL: the tensors' checksums in parallel
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:

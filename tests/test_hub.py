@@ -290,6 +290,45 @@ def test_model_card_content(monkeypatch):
     assert "<this repo>" in mode_f and "base_model:" not in mode_f.split("---")[1]
 
 
+@regular_only
+def test_trainer_push_to_hub_card_carries_our_tag_and_loading_note(server, tmp_path):
+    """transformers' Trainer.push_to_hub uploads its own template card; for a Child-Tuning adapter that card (written
+    by save_pretrained, then again by Trainer.create_model_card) carries our tags and loading note, once."""
+    from transformers import Trainer, TrainingArguments
+
+    model = trained()
+    expected = logits(model)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), hub_model_id="user/trainer-ct", report_to=[],
+                             use_cpu=True)
+    Trainer(model=model, args=args).push_to_hub(commit_message="End of training")
+
+    readme = server.files("user/trainer-ct")["README.md"].decode()
+    assert readme in server.validated_cards
+    card = ModelCard(readme)
+    assert "model-index" in card.data.to_dict() and "The following hyperparameters" in card.text  # the Trainer's
+    assert card.data.library_name == "peft"
+    assert set(hub.CARD_TAGS) <= set(card.data.tags)
+    assert "child-tuning" in HfApi().model_info("user/trainer-ct").tags
+    assert card.text.count("## How to use") == 1
+    assert hub.loading_note(model).strip() in card.text
+    assert card.text.index("## How to use") < card.text.index("## Training procedure")  # near the top
+    assert torch.equal(logits(PeftModel.from_pretrained(tiny_bert(), "user/trainer-ct")), expected)
+
+
+def test_saved_card_carries_the_note_for_child_tuning_only(tmp_path):
+    model = trained()
+    model.save_pretrained(tmp_path / "ct")
+    model.save_pretrained(tmp_path / "ct")  # saving again replaces the note rather than adding one
+    card = ModelCard.load(tmp_path / "ct" / "README.md")
+    assert set(hub.CARD_TAGS) <= set(card.data.tags)
+    assert card.text.count("## How to use") == 1 and hub.loading_note(model).strip() in card.text
+
+    lora = get_peft_model(tiny_bert(), LoraConfig(target_modules=["query"], task_type="SEQ_CLS"))
+    lora.save_pretrained(tmp_path / "lora")
+    card = ModelCard.load(tmp_path / "lora" / "README.md")
+    assert "child-tuning" not in (card.data.tags or []) and "peft_childtuning" not in card.text
+
+
 # ------------------------------------------------------------------------------------------------ errors
 @regular_only
 def test_missing_repo_revision_and_file_name_what_is_missing(server):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from peft_childtuning import ChildTuningConfig, ChildTuningLayer
 
 from conftest import ARCHS, base_weights, child_layers, composed_weights, peft_model, positions_of, trainable_parameters
+from float_tolerance import FLOAT32_EPS, normwise_atol
 
 
 def trained_model(arch, mode, base=None, steps=2, **kwargs):
@@ -65,8 +66,7 @@ def test_merge_unmerge_outputs_and_exact_restore(tiny_models, mode):
     for layer in child_layers(model).values():
         key = layer.tensor_key("weight")
         assert torch.equal(layer.get_base_layer().weight.detach(), effective[key]), key
-    merged_out = logits(model, batch)
-    torch.testing.assert_close(merged_out, unmerged_out, rtol=1e-5, atol=1e-6)
+    assert torch.equal(logits(model, batch), unmerged_out)  # the same linear maps of the same weights
 
     model.unmerge_adapter()
     assert_no_merged_layers(model)
@@ -96,7 +96,7 @@ def test_merge_and_unload_and_unload(mode):
     params = dict(merged.named_parameters())
     for key, weight in effective.items():
         assert torch.equal(params[key].detach(), weight)
-    torch.testing.assert_close(logits(merged, batch), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(logits(merged, batch), expected)
 
     model = trained_model(arch, mode, base=copy.deepcopy(original))
     model.merge_adapter()
@@ -147,11 +147,9 @@ def test_save_and_load_reproduces_outputs(tiny_models, mode, tmp_path):
         assert isinstance(config, ChildTuningConfig) and config.mode == mode
         assert config.child_sizes == model.peft_config["default"].child_sizes
         out = logits(loaded, batch)
+        assert torch.equal(out, expected), "loaded adapter gives different outputs"
         if is_trainable:
-            assert torch.equal(out, expected), "loaded adapter gives different outputs"
             assert_no_merged_layers(loaded)
-        else:
-            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
         for key, weight in composed_weights(loaded).items():
             assert torch.equal(weight, effective[key]), key
         if mode == "d":
@@ -187,16 +185,24 @@ def test_multiple_adapters_combine():
     batch = {key: value for key, value in arch.batches(1, seed=25)[0].items() if key != "labels"}
     before = base_weights(model)
 
-    # expected combined weights: base + the sum of each adapter's change
-    expected = {}
+    # expected combined weights: base + the sum of each adapter's change. Summed in another order, they may differ
+    # in rounding: each order rounds at most twice per adapter (a change, a sum), every partial result at most
+    # `magnitude` = |base| + the sum of |values| + |base| over the adapters, so two orders lie within 2 * 2 * 3 u of it
+    expected, bound = {}, {}
     for layer in child_layers(model).values():
         key = layer.tensor_key("weight")
         weight = before[key].clone().reshape(-1)
+        magnitude = before[key].abs().reshape(-1)
         for adapter in ("default", "second"):
             positions = positions_of(layer, adapter)
-            weight.index_add_(0, positions, layer.childtuning_values[adapter].detach() - before[key].reshape(-1)[positions])
-        weight += (layer.childtuning_values["third"].detach() - before[key]).reshape(-1)
+            values, at_positions = layer.childtuning_values[adapter].detach(), before[key].reshape(-1)[positions]
+            weight.index_add_(0, positions, values - at_positions)
+            magnitude = magnitude.index_add(0, positions, values.abs() + at_positions.abs())
+        third = layer.childtuning_values["third"].detach()
+        weight += (third - before[key]).reshape(-1)
+        magnitude = magnitude + (third.abs() + before[key].abs()).reshape(-1)
         expected[key] = weight.view_as(before[key])
+        bound[key] = (2 * 2 * 3 * FLOAT32_EPS * magnitude).view_as(before[key])
     overlap = sum(
         len(set(positions_of(layer, "default").tolist()) & set(positions_of(layer, "second").tolist()))
         for layer in child_layers(model).values()
@@ -204,20 +210,21 @@ def test_multiple_adapters_combine():
     assert overlap > 0, "the test needs overlapping child networks"
 
     model.base_model.set_adapter(["default", "second", "third"])
+    combined = {}
     for layer in child_layers(model).values():
         key = layer.tensor_key("weight")
         with torch.no_grad():
-            combined = layer.compose("weight", ["default", "second", "third"])
-        torch.testing.assert_close(combined, expected[key], rtol=0, atol=1e-6)
+            combined[key] = layer.compose("weight", ["default", "second", "third"])
+        assert bool(((combined[key] - expected[key]).abs() <= bound[key]).all()), key
 
+    # the forward runs the combined weights
     reference = copy.deepcopy(original)
     with torch.no_grad():
         params = dict(reference.named_parameters())
-        for key, weight in expected.items():
+        for key, weight in combined.items():
             params[key].copy_(weight)
-    expected_out = logits(reference, batch)
     combined_out = logits(model, batch)
-    torch.testing.assert_close(combined_out, expected_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(combined_out, logits(reference, batch))
 
     # one adapter alone differs from the combination
     model.base_model.set_adapter("default")
@@ -226,10 +233,11 @@ def test_multiple_adapters_combine():
     # merging all three gives the same outputs, and unmerging restores the base exactly
     model.base_model.set_adapter(["default", "second", "third"])
     model.merge_adapter(["default", "second", "third"])
-    torch.testing.assert_close(logits(model, batch), combined_out, rtol=1e-5, atol=1e-5)
     for layer in child_layers(model).values():
         key = layer.tensor_key("weight")
-        torch.testing.assert_close(layer.get_base_layer().weight.detach(), expected[key], rtol=0, atol=1e-6)
+        assert bool(((layer.get_base_layer().weight.detach() - expected[key]).abs() <= bound[key]).all()), key
+    # merged weights are summed in another order than the combined ones: outputs within float32 rounding
+    torch.testing.assert_close(logits(model, batch), combined_out, rtol=0, atol=normwise_atol(combined_out))
     model.unmerge_adapter()
     for key, weight in base_weights(model).items():
         assert torch.equal(weight, before[key]), key
