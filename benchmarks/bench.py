@@ -294,16 +294,56 @@ def run_topk_worker(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- driver side
-def _spawn(args: argparse.Namespace, worker: str, **overrides) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker]
+DRIVER_ONLY = ("worker", "models", "topk", "out", "name", "methods")  # bench.py's options the workers do not take
+
+
+def _spawn(
+    args: argparse.Namespace,
+    worker: str,
+    script: Path = Path(__file__).resolve(),
+    driver_only: tuple[str, ...] = DRIVER_ONLY,
+    timeout: float | None = None,
+    **overrides,
+) -> dict:
+    """Run one worker of `script` in a fresh process (its own peak memory) and return its JSON line.
+
+    Raises RuntimeError when the worker fails, subprocess.TimeoutExpired past `timeout` seconds."""
+    command = [sys.executable, str(script), "--worker", worker]
     for key, value in {**vars(args), **overrides}.items():
-        if key in ("worker", "models", "topk", "out", "name", "methods") or value is None or value is False:
+        if key in driver_only or value is None or value is False:
             continue
         command += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
     if completed.returncode != 0:
         raise RuntimeError(f"worker {worker} failed:\n{completed.stderr[-4000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def interleaved_rounds(methods: list[str], rounds: int, spawn, label: str) -> dict[str, list[dict]]:
+    """Each method's runs over `rounds`, the order reversed every other round so drifting machine noise (another
+    process, thermal throttling) spreads over all methods alike. `spawn(method)` returns one run."""
+    runs: dict[str, list[dict]] = {method: [] for method in methods}
+    for round_index in range(rounds):
+        for method in methods if round_index % 2 == 0 else list(reversed(methods)):
+            run = spawn(method)
+            runs[method].append(run)
+            if "median_step_seconds" in run:
+                print(f"[{label} round {round_index}] {method}: {run['median_step_seconds']:.3f} s/step", flush=True)
+            else:
+                print(f"[{label} round {round_index}] {method}: {run.get('error', '')[:200]}", flush=True)
+    return runs
+
+
+def merge_rounds(runs: list[dict], memory_fields: tuple[str, ...]) -> dict:
+    """One method's runs as one: the last run, with the step time the median over all timed steps and each memory
+    figure the median over the runs (runs that failed are left out; all failed: the last failure)."""
+    done = [run for run in runs if "step_seconds" in run]
+    if not done:
+        return runs[-1]
+    merged = {**done[-1], "median_step_seconds": statistics.median(s for run in done for s in run["step_seconds"])}
+    for field in memory_fields:
+        merged[field] = statistics.median(run[field] for run in done)
+    return merged
 
 
 def _ratio(value: float | None, reference: float | None) -> str:
@@ -428,18 +468,11 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"settings": settings, "machine": f"{os.cpu_count()} CPU cores", "models": {}, "topk": []}
     methods = args.methods.split(",") if args.methods else []
     for model_name in [name for name in args.models.split(",") if name]:
-        rounds: dict[str, list[dict]] = {method: [] for method in methods}
-        for round_index in range(args.rounds):
-            order = methods if round_index % 2 == 0 else list(reversed(methods))
-            for method in order:
-                run = _spawn(args, method, model=model_name)
-                rounds[method].append(run)
-                print(f"[{model_name} round {round_index}] {method}: {run['median_step_seconds']:.3f} s/step", flush=True)
-        merged = {}
-        for method, runs in rounds.items():
-            merged[method] = {**runs[-1], "median_step_seconds": statistics.median(s for run in runs for s in run["step_seconds"])}
-            for field in ("peak_training_rss_bytes", "held_between_steps_rss_bytes"):
-                merged[method][field] = statistics.median(run[field] for run in runs)
+        rounds = interleaved_rounds(
+            methods, args.rounds, lambda method: _spawn(args, method, model=model_name), model_name
+        )
+        memory_fields = ("peak_training_rss_bytes", "held_between_steps_rss_bytes")
+        merged = {method: merge_rounds(runs, memory_fields) for method, runs in rounds.items()}
         results["models"][model_name] = merged
     for n in [value for value in args.topk.split(",") if value]:
         for worker in ("topk_ours", "topk_released"):

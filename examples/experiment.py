@@ -79,6 +79,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import data  # noqa: E402  (imports nothing heavy: torch is imported where it is used)
+import runtime  # noqa: E402
 
 PAPER_SEEDS = (42, 52, 57, 63, 78, 96, 127, 140, 298, 375)
 METHODS = ("vanilla", "ct_f", "ct_d", "lora", "ct_d_prune", "ct_d_random", "ct_d_lowfisher")
@@ -175,6 +176,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes, 2 seeds, grid 0.1 0.3 on the first: checks that it runs"
     )
+    runtime.add_threads_argument(parser)
     args = parser.parse_args(argv)
     defaults = SMOKE_DEFAULTS if args.smoke else FULL_DEFAULTS
     for key, value in defaults.items():
@@ -680,6 +682,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": round(runtime.load_average(), 2),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -1212,6 +1215,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     done_now = 0
     if to_do:
+        runtime.configure(args.threads, loggers=())
         bench = Workbench(args, datasets)
         spent, estimated_spent = 0.0, 0.0
 

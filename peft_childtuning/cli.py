@@ -11,7 +11,9 @@ totals, the bytes per child entry and the base fingerprint.
 `merge` loads the base with the transformers Auto class the adapter's task type calls for (as AutoPeftModel does),
 loads the adapter onto it with `PeftModel.from_pretrained` (which checks the file and the base fingerprint, and merges
 at load), calls `merge_and_unload` and saves a plain transformers model directory, with the tokenizer files of the
-adapter (or else of the base) directory when there are any.
+adapter (or else of the base) directory when there are any. Its last line names that directory. Tensors that the
+base checkpoint lacks but the adapter supplies (a classifier head in modules_to_save) are not reported as missing;
+those that neither has are, in a warning.
 
 User errors (a missing directory, a directory that is not a Child-Tuning adapter, a bad adapter file, a base it was
 not tuned from) print one line to stderr and exit with status 2.
@@ -20,11 +22,15 @@ not tuned from) print one line to stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import shutil
 import struct
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import Any, Optional, Sequence
 
 PROG = "peft-childtuning"
@@ -357,6 +363,52 @@ def _copy_tokenizer(adapter_dir: str, base_dir: str, out_dir: str) -> Optional[s
     return None
 
 
+def _keys_the_adapter_supplies(adapter_dir: str) -> set[str]:
+    """The base's state-dict keys that the adapter file stores whole (its modules_to_save, e.g. the classifier head):
+    a base checkpoint without them is complete once the adapter is loaded."""
+    header, _ = read_safetensors_header(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+    return {stripped for tensor_key, _, stripped in map(_split_key, header) if tensor_key is None}
+
+
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' load report of the base (it calls the head the adapter brings 'MISSING, newly
+    initialized'); `merge_adapter` reports only what the adapter does not supply, or shows the report when the load
+    fails, since the error then refers to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+    def show(self) -> None:
+        for record in self.held:
+            print(record.getMessage(), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No progress bars of loading and saving weights, and none of the warnings that a merge at load makes
+    misleading: peft's 'All adapters are already merged' (the adapter merged while loading, as designed) and the
+    deprecation that peft 0.21 triggers in transformers 5 (`is_gradient_checkpointing`)."""
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="All adapters are already merged", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            yield
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 def merge_adapter(
     base_dir: str,
     adapter_dir: str,
@@ -400,24 +452,41 @@ def merge_adapter(
         raise CLIError(f"the adapter config in {adapter_dir!r} is invalid: {exc}") from None
     if ignore_base_mismatch:
         config.ignore_base_mismatch = True
-    try:
-        base = model_class.from_pretrained(base_dir, dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
-        raise CLIError(f"cannot load the base model from {base_dir!r} as {class_name}: {exc}") from None
-    try:
-        model = PeftModel.from_pretrained(base, adapter_dir, config=config, is_trainable=False)
-    except AdapterFormatError as exc:
-        raise CLIError(f"cannot load the adapter {adapter_dir!r}: {exc}") from None
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"cannot load the adapter {adapter_dir!r} onto {base_dir!r}: {message}") from None
-    merged = model.merge_and_unload()
-    if any(isinstance(module, ChildTuningLayer) for module in merged.modules()):  # pragma: no cover - a library bug
-        raise RuntimeError("merge_and_unload left Child-Tuning layers in the model")
-    os.makedirs(out_dir, exist_ok=True)
-    merged.save_pretrained(out_dir)
+    supplied = _keys_the_adapter_supplies(adapter_dir)
+    report = _HeldLoadReport()
+    modeling_logger = logging.getLogger("transformers.modeling_utils")
+    with _quiet_loading():
+        modeling_logger.addFilter(report)
+        try:
+            base, loading_info = model_class.from_pretrained(base_dir, dtype=torch_dtype, output_loading_info=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            report.show()
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CLIError(f"cannot load the base model from {base_dir!r} as {class_name}: {message}") from None
+        finally:
+            modeling_logger.removeFilter(report)
+        missing = sorted(set(loading_info["missing_keys"]) - supplied)
+        if missing:
+            print(
+                f"{PROG}: warning: the base checkpoint lacks {', '.join(missing)}, and the adapter does not supply "
+                "them: they are newly initialized (random) in the merged model",
+                file=sys.stderr,
+            )
+        try:
+            model = PeftModel.from_pretrained(base, adapter_dir, config=config, is_trainable=False)
+        except AdapterFormatError as exc:
+            raise CLIError(f"cannot load the adapter {adapter_dir!r}: {exc}") from None
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CLIError(f"cannot load the adapter {adapter_dir!r} onto {base_dir!r}: {message}") from None
+        merged = model.merge_and_unload()
+        if any(isinstance(module, ChildTuningLayer) for module in merged.modules()):  # pragma: no cover - a bug
+            raise RuntimeError("merge_and_unload left Child-Tuning layers in the model")
+        os.makedirs(out_dir, exist_ok=True)
+        merged.save_pretrained(out_dir)
     tokenizer_source = _copy_tokenizer(adapter_dir, base_dir, out_dir)
     return {
+        "newly_initialized": missing,
         "out_dir": os.path.abspath(out_dir),
         "model_class": type(merged).__name__,
         "loaded_with": class_name,
@@ -453,10 +522,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     )
     print(
         f"merged {args.adapter} into {args.base} ({result['loaded_with']}, picked from {result['class_picked_from']}; "
-        f"{result['dtype']}): saved {result['model_class']} to {result['out_dir']}"
+        f"{result['dtype']})"
     )
     if result["tokenizer_copied_from"]:
         print(f"tokenizer copied from {result['tokenizer_copied_from']}")
+    else:
+        print("no tokenizer files in the adapter or the base directory: none copied")
+    print(f"saved the merged {result['model_class']} to {result['out_dir']}")
     return 0
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import ChildTuningConfig
 from .constants import TRANSFORMERS_MODELS_TO_CHILDTUNING_TARGET_MODULES_MAPPING
-from .fisher import LossFunction, child_size, estimate_fisher, proportional_child_sizes, top_k_threshold
+from .fisher import FisherChunks, LossFunction, child_size, fisher_child_network, proportional_child_sizes
 from .gradient_mask import MaskStepCounter
 from .fingerprint import base_fingerprint
 from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer, ChildTuningModule
@@ -117,6 +117,7 @@ def detect_child_network(
     max_grad_norm: Optional[float] = 1.0,
     adapter_name: Optional[str] = None,
     progress: bool = True,
+    fisher_chunks: FisherChunks = 1,
 ) -> dict[str, int]:
     """Estimate the Fisher information on the task data and make the top `reserve_p` fraction the child network.
 
@@ -135,6 +136,11 @@ def detect_child_network(
             code does (None: no clipping).
         adapter_name: the mode-"d" adapter (default: the active one).
         progress: show a progress bar.
+        fisher_chunks: 1 (the fastest): one pass, holding a float32 score for every tuned entry. N > 1: the entries
+            are scored in N chunks, one pass over the same batches each (kept in memory and replayed with the same
+            random state), keeping only the best k between chunks: the same child network, bit for bit, with the
+            scores' memory divided by N, for N times the passes. "auto": chunks of 2k entries, so that the pass
+            holds no more for its scores than training does for its child entries (about 1 / reserve_p / 2 passes).
 
     Returns:
         The number of child entries of each tuned tensor (also stored as the config's `child_sizes`); a tensor
@@ -198,23 +204,22 @@ def detect_child_network(
             "Without a wrapper, let go of the outputs of earlier forward passes (or run them under "
             "torch.no_grad()) first."
         )
+    total = sum(tensor.numel() for _, _, _, tensor in tuned)
     with _layers_disabled(model):  # the base tensors take the gradient; the adapter must not hide entries
-        fisher = estimate_fisher(
+        positions = fisher_child_network(
             model,
             {key: tensor for _, _, key, tensor in tuned},
+            child_size(config.reserve_p, total),
             dataloader,
             num_batches=num_batches,
             loss_fn=loss_fn,
             max_grad_norm=max_grad_norm,
             progress=progress,
+            fisher_chunks=fisher_chunks,
         )
-    scores = [fisher.pop(key) for _, _, key, _ in tuned]
-    total = sum(score.numel() for score in scores)
-    threshold = top_k_threshold(scores, child_size(config.reserve_p, total))
     for index, (layer, tensor_name, _, _) in enumerate(tuned):
-        # one tensor's positions at a time, and its scores freed once they are installed
-        layer.set_child_network(adapter_name, tensor_name, threshold.positions(index, scores[index]))
-        scores[index] = None
+        layer.set_child_network(adapter_name, tensor_name, positions[index])
+        positions[index] = None  # type: ignore[call-overload]  # the layer holds them in its own encoding
     record_child_network(model, config, adapter_name)
     chosen_total = sum(config.child_sizes.values())
     logger.info(
@@ -351,6 +356,7 @@ class ChildTuningModel(BaseTuner):
         max_grad_norm: Optional[float] = 1.0,
         adapter_name: Optional[str] = None,
         progress: bool = True,
+        fisher_chunks: FisherChunks = 1,
     ) -> dict[str, int]:
         """Estimate the Fisher information on the task data and make the top `reserve_p` fraction the child network.
 
@@ -365,6 +371,7 @@ class ChildTuningModel(BaseTuner):
             max_grad_norm=max_grad_norm,
             adapter_name=adapter_name,
             progress=progress,
+            fisher_chunks=fisher_chunks,
         )
 
     @property

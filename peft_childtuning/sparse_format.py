@@ -30,6 +30,7 @@ import torch
 ENCODINGS = ("bitmap", "int32", "gap16")
 _ENCODING_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16}
 _GAP16_MAX = (1 << 16) - 1
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit i of a bitmap byte marks its entry i (little-endian)
 # the safetensors metadata entry holding a CRC-32 of every stored tensor's bytes (JSON: tensor name -> 8 hex digits)
 CHECKSUMS_METADATA_KEY = "childtuning_crc32"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -83,12 +84,16 @@ def encoding_of(encoded: torch.Tensor) -> str:
 
 
 def encode_positions(positions: torch.Tensor, numel: int, encoding: str) -> torch.Tensor:
-    """Encode sorted, distinct flat positions (any integer dtype) of a tensor of `numel` entries."""
+    """Encode sorted, distinct flat positions (any integer dtype) of a tensor of `numel` entries, on their device."""
     positions = positions.long()
-    if encoding == "bitmap":  # numpy packs bits several times faster than torch can
-        bits = np.zeros(numel, dtype=bool)
-        bits[positions.cpu().numpy()] = True
-        return torch.from_numpy(np.packbits(bits, bitorder="little")).to(positions.device)
+    if encoding == "bitmap":
+        if positions.device.type == "cpu":  # numpy packs bits several times faster than torch can
+            bits = np.zeros(numel, dtype=bool)
+            bits[positions.numpy()] = True
+            return torch.from_numpy(np.packbits(bits, bitorder="little"))
+        bits = torch.zeros(-(-numel // 8) * 8, dtype=torch.uint8, device=positions.device)
+        bits[positions] = 1
+        return (bits.view(-1, 8) << _BIT_SHIFTS.to(positions.device)).sum(1, dtype=torch.uint8)
     if encoding == "int32":
         return positions.to(torch.int32)
     if encoding == "gap16":
@@ -96,11 +101,18 @@ def encode_positions(positions: torch.Tensor, numel: int, encoding: str) -> torc
     raise AdapterFormatError(f"unknown position encoding {encoding!r}; expected one of {ENCODINGS}")
 
 
+def _unpack_bits(encoded: torch.Tensor) -> torch.Tensor:
+    """The bool bits of a little-endian packed bitmap, on its device (numpy's unpackbits on CPU, the faster)."""
+    if encoded.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(encoded.numpy(), bitorder="little")).view(torch.bool)
+    return ((encoded.unsqueeze(1) >> _BIT_SHIFTS.to(encoded.device)) & 1).view(-1).bool()
+
+
 def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str, name: str) -> torch.Tensor:
     """Sorted flat positions from their encoding, checked against the tensor's size and the child size.
 
-    int32 where the tensor has fewer than 2**31 entries: decoded positions stay in memory for training and merging,
-    and torch indexes with int32 as with int64 at half the bytes.
+    int32 where the tensor has fewer than 2**31 entries: torch indexes with int32 as with int64 at half the bytes.
+    Runs on the encoded tensor's device; its checks sync with it there, once (a layer then keeps `held_positions`).
     """
     expected_dtype = _ENCODING_DTYPES.get(encoding)
     if expected_dtype is None:
@@ -112,7 +124,7 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
             f"{encoded.dtype}[{', '.join(map(str, encoded.shape))}]; the file does not match its adapter_config.json."
         )
     if encoding == "bitmap":
-        bits = torch.from_numpy(np.unpackbits(encoded.cpu().numpy(), bitorder="little")).view(torch.bool)
+        bits = _unpack_bits(encoded)
         if bits[numel:].any():
             raise AdapterFormatError(f"{name}: the bitmap marks positions beyond the tensor's {numel} entries.")
         positions = flat_nonzero(bits[:numel])
@@ -120,7 +132,7 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
             raise AdapterFormatError(
                 f"{name}: the bitmap marks {positions.numel()} entries, the config says the child has {size}."
             )
-        return positions.to(encoded.device, index_dtype(numel))
+        return positions.to(index_dtype(numel))
     if encoding == "int32":
         positions = encoded.long()
     else:
@@ -146,9 +158,35 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """The flat positions (int64, on CPU) of a bool tensor's True entries: numpy's flatnonzero, several times faster
-    than torch.nonzero on CPU, which this is for (selecting and decoding child networks)."""
-    return torch.from_numpy(np.flatnonzero(mask.detach().cpu().numpy()))
+    """The flat positions (int64, on the mask's device) of a bool tensor's True entries: on CPU numpy's
+    flatnonzero, several times faster than torch.nonzero there (selecting and decoding child networks)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.detach().numpy()))
+    return torch.nonzero(mask.detach().reshape(-1)).squeeze(1)
+
+
+def held_positions(encoded: torch.Tensor, positions: torch.Tensor, encoding: str) -> torch.Tensor:
+    """What a layer keeps of decoded `positions` next to their encoding, for `expand_positions` at every use.
+
+    int32 positions and 16-bit gaps serve as they are: the encoded tensor itself, nothing held twice. A bitmap
+    (chosen only where it is smaller than the gaps) is kept with the 16-bit gaps where they fit, else the positions:
+    held positions cost at most 4 bytes per child entry beyond the encoding the checkpoint needs. Checks the gaps
+    once, here (on a GPU that syncs once, at decoding, never per step).
+    """
+    if encoding in ("int32", "gap16"):
+        return encoded
+    gaps = _gaps(positions.long())
+    if gaps.numel() and int(gaps.max()) <= _GAP16_MAX:
+        return gaps.to(torch.uint16)
+    return positions
+
+
+def expand_positions(held: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Sorted flat positions of `dtype` from what `held_positions` kept: on the held tensor's device, with no
+    host sync (a prefix sum for 16-bit gaps, the first counted from -1)."""
+    if held.dtype == torch.uint16:
+        return held.to(torch.int64).cumsum_(0).sub_(1).to(dtype)
+    return held.to(dtype)
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -228,18 +266,37 @@ def read_adapter_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
                 raise AdapterFormatError(
                     f"{path}: not a valid safetensors file ({error}); save the adapter again."
                 ) from error
-            raw = {}
-            for name, (_, _, start, end) in sorted(entries.items(), key=lambda item: item[1][2]):
-                buffer = torch.empty(end - start, dtype=torch.uint8)  # not zero-filled: read into directly
-                if end > start and handle.readinto(memoryview(buffer.numpy())) != end - start:
-                    raise AdapterFormatError(f"{path}: the file ends inside tensor {name} (truncated while read?).")
-                raw[name] = buffer
+            ordered = sorted(entries, key=lambda name: entries[name][2])  # the ranges tile the data in this order
+            # not zero-filled: read into directly
+            raw = {name: torch.empty(entries[name][3] - entries[name][2], dtype=torch.uint8) for name in ordered}
+            _read_into(handle, 8 + header_length, [raw[name] for name in ordered], path)
     except OSError as error:
         raise AdapterFormatError(f"{path}: cannot be read ({error}).") from error
     if CHECKSUMS_METADATA_KEY in metadata:
         _check_checksums(path, raw, metadata[CHECKSUMS_METADATA_KEY])
     tensors = {name: raw[name].view(dtype).reshape(shape) for name, (dtype, shape, _, _) in entries.items()}
     return tensors, CHECKSUMS_METADATA_KEY in metadata
+
+
+def _read_into(handle: Any, offset: int, buffers: list[torch.Tensor], path: str) -> None:
+    """Fill `buffers` with the file's consecutive bytes from `offset`: with one vectored read (``os.preadv``) where
+    the system has it, so that reading on a thread costs the interpreter lock a few hand-overs rather than one per
+    tensor; a short read is completed tensor by tensor."""
+    views = [memoryview(buffer.numpy()) for buffer in buffers if buffer.numel()]
+    done = 0
+    if hasattr(os, "preadv"):
+        for first in range(0, len(views), 1024):  # IOV_MAX
+            batch = views[first : first + 1024]
+            read = os.preadv(handle.fileno(), batch, offset + done)
+            done += read
+            if read < sum(len(view) for view in batch):
+                break
+    handle.seek(offset + done)
+    for view in views:
+        skip = min(done, len(view))
+        done -= skip
+        if skip < len(view) and handle.readinto(view[skip:]) != len(view) - skip:
+            raise AdapterFormatError(f"{path}: the file ends inside a tensor's data (truncated while read?).")
 
 
 def _refuse_repeated_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end on a tiny model and writes its JSON and table (no timing is asserted)."""
+"""The benchmark scripts run end to end on a tiny model and writes its JSON and table (no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
@@ -29,3 +32,36 @@ def test_benchmark_script_writes_results(tmp_path: Path) -> None:
     assert ours["chosen"] == ours["k"] == round(0.3 * 1e5)  # exact; the percentile may be off by a tie
     assert abs(released["chosen"] - ours["k"]) <= 1
     assert "| childtuning_d |" in (tmp_path / "smoke.md").read_text()
+
+
+LLM_BENCH = BENCH.parent / "llm_bench.py"
+
+
+def _llm_worker(method: str, device: str, reserve_p: str | None = None) -> dict:
+    """One llm_bench.py worker at the llama-tiny shape, one step, no warmup; its JSON line."""
+    command = [
+        sys.executable, str(LLM_BENCH), "--worker", method, "--shape", "llama-tiny", "--dtype", "bf16",
+        "--device", device, "--batch-size", "1", "--seq-len", "16", "--steps", "1", "--warmup", "0",
+    ] + (["--reserve-p", reserve_p] if reserve_p else [])
+    completed = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _check_llm_figures(lora: dict, child: dict) -> None:
+    for run in (lora, child):
+        assert run["peak_bytes"] >= run["model_bytes"] > 0
+        assert run["median_step_seconds"] > 0 and run["tokens_per_second"] > 0
+        assert run["adapter_bytes"] > 0 and run["adapter_bytes_per_entry"] > 0 and run["held_bytes_per_entry"] > 0
+    # D at LoRA's count trains as many entries as LoRA r=16 on the same seven projections
+    assert child["trainable_entries"] == lora["trainable_entries"]
+    assert child["fisher_pass_seconds"] > 0 and child["selection_seconds"] >= 0
+    assert 0 < child["reserve_p"] < 1
+
+
+def test_llm_benchmark_worker_figures() -> None:
+    _check_llm_figures(_llm_worker("lora", "cpu"), _llm_worker("childtuning_d", "cpu", "lora"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_llm_benchmark_worker_cuda() -> None:
+    _check_llm_figures(_llm_worker("lora", "cuda"), _llm_worker("childtuning_d", "cuda", "lora"))

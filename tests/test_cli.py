@@ -16,6 +16,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertForSequenceClassification,
+    BertModel,
     BertTokenizer,
     GPT2LMHeadModel,
 )
@@ -311,3 +312,47 @@ def test_inspect_bytes_agree_with_the_encodings(dirs, capsys):
     for record in report["tensors"]:
         numel = base[record["name"]].numel()
         assert record["position_bytes"] == encoded_bytes(numel, record["child_size"], record["encoding"])
+
+
+# ------------------------------------------------------------------------------------------------ what a merge prints
+def merge_in_a_fresh_process(*argv: str) -> subprocess.CompletedProcess:
+    """`peft-childtuning merge` as a user runs it: its own process, output to pipes (warnings and logs included)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO_ROOT}
+    return subprocess.run([sys.executable, "-m", "peft_childtuning.cli", "merge", *argv],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("pooler", [True, False])
+def test_merge_onto_a_headless_base_reports_only_what_the_adapter_does_not_supply(tmp_path, pooler):
+    """A base saved without the classifier head (as MiniLM is): transformers would call the head 'MISSING, newly
+    initialized', though the adapter brings it, and peft would warn that the adapter merged at load is 'already
+    merged'. Neither is printed; a tensor that neither the base nor the adapter has (the pooler) still is."""
+    full = tiny_bert(seed=0)
+    base_dir = str(tmp_path / "headless")
+    if pooler:
+        full.bert.save_pretrained(base_dir)
+    else:
+        state = {k: v for k, v in full.bert.state_dict().items() if not k.startswith("pooler.")}
+        BertModel(full.config, add_pooling_layer=False).save_pretrained(base_dir, state_dict=state)
+    torch.manual_seed(1)
+    model = train(peft_model(AutoModelForSequenceClassification.from_pretrained(base_dir), mode="d", reserve_p=0.3,
+                             task_type="SEQ_CLS"), BERT)
+    adapter_dir = str(tmp_path / "adapter")
+    model.save_pretrained(adapter_dir)
+    out_dir = str(tmp_path / "merged")
+    result = merge_in_a_fresh_process("--base", base_dir, "--adapter", adapter_dir, "--out", out_dir,
+                                      *([] if pooler else ["--ignore-base-mismatch"]))  # a random pooler each load
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for noise in ("MISSING", "LOAD REPORT", "already merged", "is_gradient_checkpointing", "Loading weights",
+                  "Writing model shards", "Traceback"):
+        assert noise not in output, (noise, output)
+    assert result.stdout.splitlines()[-1] == f"saved the merged BertForSequenceClassification to {out_dir}"
+    if pooler:
+        assert result.stderr == "", result.stderr
+    else:
+        warning, = [line for line in result.stderr.splitlines() if "warning" in line]
+        assert "bert.pooler.dense.weight" in warning and "classifier" not in warning
+    merged = AutoModelForSequenceClassification.from_pretrained(out_dir)
+    if pooler:  # the head and the child values came from the adapter: the merged model computes the trained one
+        assert torch.equal(logits(merged, inputs(BERT)), logits(model, inputs(BERT)))

@@ -1,0 +1,161 @@
+"""Memory at the floor and device-clean training (issue #14).
+
+A mode-"d" layer holds, per child entry, its fp32 value (4 bytes) and AdamW's two moments (8) and, for its position,
+the encoded tensor a checkpoint needs plus whatever the layer keeps decoded (`sparse_format.held_positions`): at
+most 4 bytes in all. Counted from the tensors themselves (each storage once), not from RSS, so deterministic.
+The CUDA tests are skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from peft_childtuning import ChildTuningConfig
+from peft_childtuning.layer import ChildTuningLayer, scatter_child
+from peft_childtuning.sparse_format import (
+    choose_encoding,
+    decode_positions,
+    encode_positions,
+    expand_positions,
+    held_positions,
+)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(256, 1024)
+        self.down = nn.Linear(1024, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def _model(reserve_p: float, device: str = "cpu") -> nn.Module:
+    torch.manual_seed(0)
+    config = ChildTuningConfig(mode="d", reserve_p=reserve_p, selection="random", target_modules=["up", "down"])
+    return get_peft_model(TwoLinear().to(device), config)
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: str = "cpu") -> None:
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(1)).to(device)
+    model(x).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _held_bytes_per_child_entry(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """(all held bytes, position bytes) per child entry, each storage counted once."""
+    seen: set[int] = set()
+
+    def nbytes(tensors: list[torch.Tensor]) -> int:
+        total = 0
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    layers = [module for module in model.modules() if isinstance(module, ChildTuningLayer)]
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    positions = nbytes([tensor for layer in layers for tensor in layer.held_position_tensors()])
+    held = positions + nbytes(parameters) + nbytes([p.grad for p in parameters if p.grad is not None])
+    held += nbytes([t for state in optimizer.state.values() for t in state.values() if t.dim() > 0])
+    entries = sum(parameter.numel() for parameter in parameters)
+    return held / entries, positions / entries
+
+
+@pytest.mark.parametrize("reserve_p", [2e-5, 0.01, 0.05, 0.3, 0.8])
+def test_at_most_16_bytes_held_per_child_entry(reserve_p: float) -> None:
+    model = _model(reserve_p)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    for _ in range(2):
+        _train_step(model, optimizer)
+    per_entry, positions_per_entry = _held_bytes_per_child_entry(model, optimizer)
+    assert positions_per_entry <= 4 and per_entry <= 16, (per_entry, positions_per_entry)
+
+
+def test_a_loaded_adapter_holds_no_validation_cache(tmp_path) -> None:
+    model = _model(0.3)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(TwoLinear(), tmp_path, is_trainable=True)
+    optimizer = torch.optim.AdamW([p for p in loaded.parameters() if p.requires_grad])
+    _train_step(loaded, optimizer)
+    assert all(not layer._validated_positions for layer in loaded.modules() if isinstance(layer, ChildTuningLayer))
+    assert _held_bytes_per_child_entry(loaded, optimizer)[0] <= 16
+
+
+@pytest.mark.parametrize(
+    "positions, numel",
+    [
+        (torch.tensor([0, 1, 2, 5, 9, 10]), 12),  # dense: bitmap, held as gaps
+        (torch.tensor([3, 70_000, 70_001]), 400_000),  # a gap over 16 bits: int32, its own cache
+        (torch.tensor([7, 65_541, 131_075]), 300_000),  # the widest gaps that fit: gap16, its own cache
+        (torch.arange(0, 200_000, 3), 200_000),  # bitmap with a gap of 3, held as gaps
+        (torch.tensor([5, 100_000]), 100_001),  # bitmap forced below, held as int32 (a gap over 16 bits)
+    ],
+)
+@pytest.mark.parametrize("encoding", [None, "bitmap"])
+def test_held_positions_expand_to_the_positions(positions: torch.Tensor, numel: int, encoding: str | None) -> None:
+    encoding = encoding or choose_encoding(positions, numel)
+    encoded = encode_positions(positions, numel, encoding)
+    decoded = decode_positions(encoded, numel, positions.numel(), encoding, "t")
+    held = held_positions(encoded, decoded, encoding)
+    if encoding != "bitmap":
+        assert held is encoded  # nothing held twice
+    else:
+        assert held.element_size() <= 4
+    assert torch.equal(expand_positions(held), positions)
+    assert torch.equal(expand_positions(held, torch.int32), positions.to(torch.int32))
+
+
+def test_scatter_in_place_is_bit_identical_to_out_of_place() -> None:
+    base = torch.randn(64, 33)
+    positions = torch.tensor([0, 5, 6, 100, 2000, 64 * 33 - 1])
+    values = torch.randn(6, dtype=torch.float64)
+    expected = base.reshape(-1).index_copy(0, positions, values.to(base.dtype)).view_as(base)
+    assert torch.equal(scatter_child(base, values, positions), expected)
+    gaps = encode_positions(positions, base.numel(), "gap16")
+    assert torch.equal(scatter_child(base, values, gaps), expected)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+@needs_cuda
+@pytest.mark.parametrize("encoding", ["bitmap", "int32", "gap16"])
+def test_encoding_on_the_device_matches_the_cpu(encoding: str) -> None:
+    numel = 1_000_003
+    positions = torch.randperm(numel, generator=torch.Generator().manual_seed(0))[:50_000].sort().values
+    on_cpu = encode_positions(positions, numel, encoding)
+    on_device = encode_positions(positions.cuda(), numel, encoding)
+    assert on_device.is_cuda and torch.equal(on_device.cpu(), on_cpu)
+    decoded = decode_positions(on_device, numel, positions.numel(), encoding, "t")
+    expected = decode_positions(on_cpu, numel, positions.numel(), encoding, "t")
+    assert decoded.is_cuda and torch.equal(decoded.cpu(), expected)
+    assert choose_encoding(positions.cuda(), numel) == choose_encoding(positions, numel)
+    held = held_positions(on_device, decoded, encoding)
+    assert held.is_cuda and torch.equal(expand_positions(held).cpu(), positions)
+
+
+@needs_cuda
+@pytest.mark.parametrize("reserve_p", [2e-5, 0.05, 0.3])
+def test_a_training_step_on_cuda_never_syncs(reserve_p: float) -> None:
+    model = _model(reserve_p, device="cuda")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], capturable=True)
+    _train_step(model, optimizer, device="cuda")  # decodes (and checks) the positions: syncs, once
+    x = torch.randn(8, 256, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
