@@ -11,7 +11,9 @@ takes itself off ``sys.meta_path``. Start-up costs this module only: it imports 
 which every interpreter has loaded already.
 
 The import lock that Python holds on ``peft`` while executing it makes this run once, and makes other threads that
-import peft meanwhile wait until Child-Tuning is registered.
+import peft meanwhile wait until Child-Tuning is registered. When peft is imported from inside a package
+peft_childtuning itself imports (``from transformers import Trainer`` imports peft), registering at once would be a
+circular import: it then happens at the next import statement once that package has finished executing.
 
 ``PEFT_CHILDTUNING_NO_AUTOLOAD=1`` (read when peft is imported) switches the registration off. peft is then left as
 it is, except that loading a Child-Tuning adapter raises `ChildTuningNotRegisteredError` (a ``KeyError``, like
@@ -108,7 +110,42 @@ class _PeftImportFinder:
         self.done = True
         # a new list, not .remove(): another thread looping over the old one (an import there) misses no finder
         sys.meta_path = [finder for finder in sys.meta_path if finder is not self]
-        _register()
+        if _dependency_initializing():
+            _register_after_current_imports()
+        else:
+            _register()
+
+
+# packages that peft_childtuning imports at import time: peft imported while one of them is still executing (e.g.
+# ``from transformers import Trainer``, whose module imports peft) means importing peft_childtuning now would be a
+# circular import of a half-initialised module
+_DEPENDENCIES = ("transformers", "accelerate", "datasets", "huggingface_hub", "safetensors", "torch")
+
+
+def _dependency_initializing() -> bool:
+    """Whether a module of `_DEPENDENCIES` is executing (importlib marks its spec ``_initializing`` meanwhile)."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name.partition(".")[0] in _DEPENDENCIES
+    )
+
+
+def _register_after_current_imports() -> None:
+    """Register at the first import statement that returns once no dependency is executing any more (the user's
+    next import, e.g. ``from peft import PeftModel``), through a wrapper of ``__import__`` that then removes itself."""
+    import builtins
+
+    original = builtins.__import__
+
+    def importing(*args: object, **kwargs: object) -> object:
+        module = original(*args, **kwargs)
+        if builtins.__import__ is importing and not _dependency_initializing():
+            builtins.__import__ = original
+            _register()
+        return module
+
+    builtins.__import__ = importing
 
 
 def _register() -> None:

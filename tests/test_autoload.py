@@ -299,3 +299,28 @@ def test_the_pth_twice_on_the_path_installs_one_hook(tmp_path):
     result = subprocess.run([sys.executable, "-c", count, str(tmp_path / "a"), str(tmp_path / "b")], env=env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "1", result.stdout + result.stderr
+
+
+def test_peft_imported_by_transformers_registers_at_the_next_import(wheels, tmp_path):
+    """``from transformers import Trainer`` imports peft while transformers is still executing: registering then
+    would be a circular import (it used to fail with a warning), so it happens at the next import statement."""
+    site_dir = unpacked(wheels["wheel"], tmp_path / "site-packages")
+    script = (
+        "import json, site, sys, warnings\n"
+        "site.addsitedir(sys.argv[1]); sys.path.extend(json.loads(sys.argv[2]))\n"
+        "warnings.simplefilter('error', RuntimeWarning)\n"
+        "from transformers import Trainer\n"
+        "deferred = 'peft' in sys.modules and 'peft_childtuning' not in sys.modules\n"
+        "from peft import PeftModel\n"
+        "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING\n"
+        "import builtins\n"
+        "print(json.dumps([deferred, 'CHILDTUNING' in PEFT_TYPE_TO_CONFIG_MAPPING,\n"
+        "                  builtins.__import__.__name__ == '__import__']))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PEFT_CHILDTUNING_NO_AUTOLOAD")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-S", "-c", script, site_dir, json.dumps(dependency_paths())],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    deferred, registered, import_restored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert deferred and registered and import_restored

@@ -107,7 +107,7 @@ def test_cli_merge_of_a_roberta_adapter(tmp_path, capsys, monkeypatch):
     code = main(["merge", "--base", base_dir, "--adapter", adapter_dir, "--out", out_dir])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "saved RobertaForSequenceClassification" in captured.out
+    assert f"saved the merged RobertaForSequenceClassification to {out_dir}" in captured.out
     merged = AutoModelForSequenceClassification.from_pretrained(out_dir)
     assert type(merged) is RobertaForSequenceClassification
     assert_plain(merged, arch)
