@@ -502,9 +502,10 @@ class ChildTuningLayer(BaseTunerLayer):
                 if index is None:  # every entry is overwritten: the originals are the whole unmerged tensor
                     originals = unmerged if copied else unmerged.clone()
                     flat.copy_(new_values)
-                else:
-                    originals = gather_child(flat, index)
-                    write_child(flat, index, new_values)
+                else:  # expanded once for both (the held form, kept for unmerge, may be 16-bit gaps)
+                    positions = expand_positions(index.to(flat.device))
+                    originals = gather_child(flat, positions)
+                    write_child(flat, positions, new_values)
                 self._merge_originals[(adapter_name, tensor_name)] = (index, originals)
 
     def unmerge(self) -> None:

@@ -175,7 +175,7 @@ def held_positions(encoded: torch.Tensor, positions: torch.Tensor, encoding: str
     """
     if encoding in ("int32", "gap16"):
         return encoded
-    gaps = _gaps(positions.long())
+    gaps = _gaps(positions)  # in the positions' own integer dtype: int32 gaps of int32 positions
     if gaps.numel() and int(gaps.max()) <= _GAP16_MAX:
         return gaps.to(torch.uint16)
     return positions
