@@ -103,9 +103,10 @@ def tiny_gpt2(dropout: float = 0.0, seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def tiny_llama(dropout: float = 0.0, seed: int = 0) -> LlamaForCausalLM:
+def _tiny_decoder(config_class: type, model_class: type, dropout: float, seed: int) -> torch.nn.Module:
+    """A 2-layer Llama-style decoder (Llama, Qwen2: the same config fields)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         num_hidden_layers=2,
@@ -118,7 +119,17 @@ def tiny_llama(dropout: float = 0.0, seed: int = 0) -> LlamaForCausalLM:
         eos_token_id=0,
         pad_token_id=0,
     )
-    return LlamaForCausalLM(config)
+    return model_class(config)
+
+
+def tiny_llama(dropout: float = 0.0, seed: int = 0) -> LlamaForCausalLM:
+    return _tiny_decoder(LlamaConfig, LlamaForCausalLM, dropout, seed)
+
+
+def tiny_qwen2(dropout: float = 0.0, seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _tiny_decoder(Qwen2Config, Qwen2ForCausalLM, dropout, seed)
 
 
 def tiny_t5(dropout: float = 0.0, seed: int = 0) -> T5ForConditionalGeneration:

@@ -16,14 +16,14 @@ import pytest
 import torch
 from peft import PeftModel
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 import peft_childtuning
 import peft_childtuning.model as ct_model
 from peft_childtuning import ChildTuningCallback, ChildTuningConfig
 
-from conftest import HIDDEN, VOCAB, child_layers, positions_of, tiny_llama
+from conftest import VOCAB, child_layers, positions_of, tiny_llama, tiny_qwen2
 
 P = 0.3
 BATCH = 4
@@ -33,24 +33,6 @@ WORDS = (
     "the a cat dog bird fish sat ran flew swam on under over near mat log tree pond and then slept ate sang "
     "quickly slowly"
 ).split()
-
-
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        attention_dropout=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    return Qwen2ForCausalLM(config)
 
 
 BASES = {"llama": tiny_llama, "qwen2": tiny_qwen2}
