@@ -38,9 +38,6 @@ PROGRESS_LOG_SECONDS = 30.0
 # bits of a non-negative float32, read as int32, order like the floats themselves; split into two 16-bit digits
 _DIGIT_BITS = 16
 _DIGIT_VALUES = 1 << _DIGIT_BITS
-# positions of chosen entries come from numpy on CPU (several times faster than torch.nonzero there); tests turn this
-# off to check the torch path that runs on accelerators
-_NUMPY_ON_CPU = True
 
 
 def child_size(reserve_p: float, num_entries: int) -> int:
@@ -465,19 +462,11 @@ class TopKThreshold:
         """The chosen flat positions (sorted, int64, on the score's device) of tensor `index`, whose scores are
         `score`."""
         bits = _ordered_bits(score)
-        chosen = _flat_nonzero(bits > self.threshold_bits)
+        chosen = flat_nonzero(bits > self.threshold_bits)
         if self.ties[index]:
-            ties = _flat_nonzero(bits == self.threshold_bits)[: self.ties[index]]
+            ties = flat_nonzero(bits == self.threshold_bits)[: self.ties[index]]
             chosen = torch.cat([chosen, ties]).sort().values
         return chosen
-
-
-def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """The flat positions (int64, sorted) of a bool tensor's True entries, on its device: numpy's on CPU, torch's
-    elsewhere, so that an accelerator's scores never travel to the host."""
-    if mask.device.type == "cpu" and _NUMPY_ON_CPU:
-        return flat_nonzero(mask)
-    return torch.nonzero(mask.reshape(-1)).squeeze(1)
 
 
 def top_k_threshold(scores: Sequence[torch.Tensor], k: int) -> TopKThreshold:

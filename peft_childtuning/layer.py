@@ -108,7 +108,7 @@ class _ChildLinearFunction(torch.autograd.Function):
         bias: Optional[torch.Tensor],
         weight_is_in_by_out: bool,
     ) -> torch.Tensor:
-        composed = scatter_child(weight, values, expand_positions(positions))
+        composed = scatter_child(weight, values, positions)
         output = F.linear(x, composed.t() if weight_is_in_by_out else composed, bias)
         ctx.save_for_backward(x, weight, values, positions)
         ctx.weight_is_in_by_out = weight_is_in_by_out

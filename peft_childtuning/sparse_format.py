@@ -30,7 +30,9 @@ import torch
 ENCODINGS = ("bitmap", "int32", "gap16")
 _ENCODING_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16}
 _GAP16_MAX = (1 << 16) - 1
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit i of a bitmap byte marks its entry i (little-endian)
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+# `flat_nonzero` takes numpy's path on CPU; tests turn this off to check the torch path that runs on accelerators
+_NUMPY_ON_CPU = True  # bit i of a bitmap byte marks its entry i (little-endian)
 # the safetensors metadata entry holding a CRC-32 of every stored tensor's bytes (JSON: tensor name -> 8 hex digits)
 CHECKSUMS_METADATA_KEY = "childtuning_crc32"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -158,9 +160,10 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """The flat positions (int64, on the mask's device) of a bool tensor's True entries: on CPU numpy's
-    flatnonzero, several times faster than torch.nonzero there (selecting and decoding child networks)."""
-    if mask.device.type == "cpu":
+    """The flat positions (int64, sorted, on the mask's device) of a bool tensor's True entries: on CPU numpy's
+    flatnonzero, several times faster than torch.nonzero there (selecting and decoding child networks); torch's
+    elsewhere, so that an accelerator's tensors never travel to the host."""
+    if mask.device.type == "cpu" and _NUMPY_ON_CPU:
         return torch.from_numpy(np.flatnonzero(mask.detach().numpy()))
     return torch.nonzero(mask.detach().reshape(-1)).squeeze(1)
 

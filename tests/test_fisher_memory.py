@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import peft_childtuning.fisher as fisher
+import peft_childtuning.sparse_format as sparse_format
 from peft_childtuning.fisher import _chunk_pieces, _entries_per_chunk, select_top_k
 from peft_childtuning.model import _layers_disabled, tuned_tensors
 
@@ -190,7 +191,7 @@ def test_torch_selection_path_equals_numpy(monkeypatch):
     scores.append(torch.zeros(40))  # a tensor of ties only
     total = sum(score.numel() for score in scores)
     with_numpy = {k: select_top_k(scores, k) for k in (0, 1, 17, 500, total - 3, total)}
-    monkeypatch.setattr(fisher, "_NUMPY_ON_CPU", False)
+    monkeypatch.setattr(sparse_format, "_NUMPY_ON_CPU", False)
     for k, expected in with_numpy.items():
         actual = select_top_k(scores, k)
         assert all(a.dtype == torch.int64 and torch.equal(a, e) for a, e in zip(actual, expected)), k
@@ -200,6 +201,6 @@ def test_torch_selection_path_in_detect_child_network(monkeypatch):
     arch = ARCHS["gpt2"]
     batches = arch.batches(2)
     expected, _ = reference(arch, batches)
-    monkeypatch.setattr(fisher, "_NUMPY_ON_CPU", False)
+    monkeypatch.setattr(sparse_format, "_NUMPY_ON_CPU", False)
     actual, _ = detected(arch, batches, fisher_chunks=3)
     assert_same_child_network(actual, expected)
