@@ -423,3 +423,22 @@ def written_by_hand(base: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
         elif not key.endswith(".childtuning_positions"):
             state[key].copy_(values)
     return base
+
+
+def trainer_settings(output_dir, batch_size: int, **overrides) -> dict:
+    """TrainingArguments for a few quiet, reproducible CPU steps in a test (constant learning rate, nothing saved,
+    reported or drawn), with `overrides` on top."""
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    return settings

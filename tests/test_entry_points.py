@@ -30,7 +30,7 @@ import peft_childtuning
 from peft_childtuning import ChildTuningCallback, ChildTuningConfig, prepare_child_network
 from peft_childtuning.model import tuned_tensors
 
-from conftest import ARCHS, SEQ_LEN, VOCAB, child_layers, positions_of, tiny_llama
+from conftest import ARCHS, SEQ_LEN, VOCAB, child_layers, positions_of, tiny_llama, trainer_settings
 
 P = 0.3
 BATCH = 4
@@ -163,19 +163,13 @@ def collate(features: list[dict]) -> dict[str, torch.Tensor]:
 
 def make_trainer(model: torch.nn.Module, output_dir, dataset: datasets.Dataset) -> Trainer:
     args = TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=BATCH,
-        max_steps=3,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        train_sampling_strategy="sequential",
-        bf16=True,  # the Fisher pass must still run in full precision
+        **trainer_settings(
+            output_dir,
+            BATCH,
+            max_steps=3,
+            train_sampling_strategy="sequential",
+            bf16=True,  # the Fisher pass must still run in full precision
+        )
     )
     return Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[ChildTuningCallback()]

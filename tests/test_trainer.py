@@ -18,7 +18,16 @@ import peft_childtuning.model as ct_model
 import peft_childtuning.trainer as ct_trainer
 from peft_childtuning.trainer import ChildTuningCallback, prepare_child_network
 
-from conftest import VOCAB, base_weights, child_layers, composed_weights, peft_model, positions_of, tiny_bert
+from conftest import (
+    VOCAB,
+    base_weights,
+    child_layers,
+    composed_weights,
+    peft_model,
+    positions_of,
+    tiny_bert,
+    trainer_settings,
+)
 
 P = 0.3
 N_EXAMPLES = 24
@@ -59,21 +68,8 @@ def make_model(mode: str):
 
 
 def make_trainer(model, output_dir, callbacks=None, train_dataset=None, eval_dataset=None, **overrides) -> Trainer:
-    settings = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=BATCH,
-        per_device_eval_batch_size=8,
-        max_steps=6,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+    settings = trainer_settings(
+        output_dir, BATCH, per_device_eval_batch_size=8, max_steps=6, logging_steps=1, data_seed=0
     )
     settings.update(overrides)
     trainer = Trainer(

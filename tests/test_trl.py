@@ -23,7 +23,7 @@ import peft_childtuning
 import peft_childtuning.model as ct_model
 from peft_childtuning import ChildTuningCallback, ChildTuningConfig
 
-from conftest import VOCAB, child_layers, positions_of, tiny_llama, tiny_qwen2
+from conftest import VOCAB, child_layers, positions_of, tiny_llama, tiny_qwen2, trainer_settings
 
 P = 0.3
 BATCH = 4
@@ -57,21 +57,7 @@ def make_dataset(seed: int = 0) -> datasets.Dataset:
 
 
 def make_trainer(base: str, output_dir, **overrides) -> SFTTrainer:
-    settings = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=BATCH,
-        max_steps=4,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    settings = trainer_settings(output_dir, BATCH, max_steps=4, logging_steps=1, data_seed=0)
     settings.update(overrides)
     return SFTTrainer(
         BASES[base](),
