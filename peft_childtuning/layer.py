@@ -340,41 +340,57 @@ class ChildTuningLayer(BaseTunerLayer):
             cached = self._decode_positions(adapter_name, tensor_name)
         return cached.positions
 
+    def _merge_positions(self, adapter_name: str, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what `unmerge` will expand, the sorted int64 positions) for merging one adapter's tensor.
+
+        A merge at load finds nothing cached: it decodes (or takes the positions checked with the checkpoint) and
+        keeps the encoded tensor itself for `unmerge`, so loading for inference never builds the held form that
+        training forwards need (`_held_positions` builds it at the first such use)."""
+        encoded = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])[adapter_name]
+        cached = self._decoded_positions.get((adapter_name, tensor_name))
+        if cached is not None and cached.encoded is encoded:
+            return cached.positions, expand_positions(cached.positions)
+        return encoded, self._checked_positions(adapter_name, tensor_name).to(encoded.device)
+
     @torch.compiler.disable  # numpy, data-dependent checks: run eagerly, once, rather than traced
     def _decode_positions(self, adapter_name: str, tensor_name: str) -> DecodedPositions:
-        """Decode and cache the adapter's positions in one tensor, checking them and its values first (a loader that
-        skipped them left NaN); positions decoded while a checkpoint was validated are taken as they are."""
+        """Decode the adapter's positions in one tensor and cache what the layer holds of them."""
         encoded = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])[adapter_name]
+        positions = self._checked_positions(adapter_name, tensor_name).to(encoded.device)
         encoding = self.childtuning_spec[adapter_name].encodings[tensor_name]
-        validated = self._validated_positions.pop((adapter_name, tensor_name), None)
-        if validated is not None and torch.equal(validated[0], encoded):
-            positions = validated[1]  # checked (values and positions) before it was loaded
-        else:
-            base_tensor = getattr(self.get_base_layer(), tensor_name)
-            values = self.child_values(adapter_name, tensor_name)
-            if not values.is_meta and not all_finite(values):
-                raise AdapterFormatError(
-                    f"{self.tensor_key(tensor_name)}: the child values of adapter '{adapter_name}' are NaN or inf "
-                    "(not loaded, or a corrupted adapter file)."
-                )
-            try:
-                positions = decode_positions(
-                    encoded,
-                    base_tensor.numel(),
-                    values.numel(),
-                    encoding,
-                    self.tensor_key(tensor_name),
-                )
-            except AdapterFormatError as error:
-                raise AdapterFormatError(
-                    f"{error} Adapter '{adapter_name}' expects its child network from a saved adapter (its config "
-                    "carries child_sizes) that was not loaded, or was corrupted: load it with "
-                    "PeftModel.from_pretrained or load_adapter, or create the adapter from a config without "
-                    "child_sizes."
-                ) from error
-        decoded = DecodedPositions(encoded, held_positions(encoded, positions.to(encoded.device), encoding))
+        decoded = DecodedPositions(encoded, held_positions(encoded, positions, encoding))
         self._decoded_positions[(adapter_name, tensor_name)] = decoded
         return decoded
+
+    def _checked_positions(self, adapter_name: str, tensor_name: str) -> torch.Tensor:
+        """The adapter's sorted int64 positions in one tensor, decoded and checked with its values first (a loader
+        that skipped them left NaN); positions decoded while a checkpoint was validated are taken as they are."""
+        encoded = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])[adapter_name]
+        validated = self._validated_positions.pop((adapter_name, tensor_name), None)
+        if validated is not None and (validated[0] is encoded or torch.equal(validated[0], encoded)):
+            return validated[1]  # checked (values and positions) before it was loaded
+        base_tensor = getattr(self.get_base_layer(), tensor_name)
+        values = self.child_values(adapter_name, tensor_name)
+        if not values.is_meta and not all_finite(values):
+            raise AdapterFormatError(
+                f"{self.tensor_key(tensor_name)}: the child values of adapter '{adapter_name}' are NaN or inf "
+                "(not loaded, or a corrupted adapter file)."
+            )
+        try:
+            return decode_positions(
+                encoded,
+                base_tensor.numel(),
+                values.numel(),
+                self.childtuning_spec[adapter_name].encodings[tensor_name],
+                self.tensor_key(tensor_name),
+            )
+        except AdapterFormatError as error:
+            raise AdapterFormatError(
+                f"{error} Adapter '{adapter_name}' expects its child network from a saved adapter (its config "
+                "carries child_sizes) that was not loaded, or was corrupted: load it with "
+                "PeftModel.from_pretrained or load_adapter, or create the adapter from a config without "
+                "child_sizes."
+            ) from error
 
     def held_position_tensors(self) -> list[torch.Tensor]:
         """Every tensor the layer holds for child positions (encoded buffers, decoded caches), for memory accounting;
@@ -460,19 +476,24 @@ class ChildTuningLayer(BaseTunerLayer):
             self.merge(adapter_names=remerge)
 
     # ----------------------------------------------------------------------------------------------- merging
-    def _merged_values(self, adapter_name: str, tensor_name: str) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        """(flat positions or None for all, the values to write there) for merging one adapter's tensor."""
+    def _merged_values(
+        self, adapter_name: str, tensor_name: str
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+        """(what `unmerge` expands, int64 positions, the values to write there) for merging one adapter's tensor;
+        the positions are None where it writes every entry (mode f)."""
         base_tensor = getattr(self.get_base_layer(), tensor_name)
         values = self.child_values(adapter_name, tensor_name).detach()
-        index = self._held_positions(adapter_name, tensor_name)
+        held = positions = None
+        if adapter_name in getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1]):
+            held, positions = self._merge_positions(adapter_name, tensor_name)
         new_values = values.reshape(-1).to(base_tensor.dtype)
         if any((name, tensor_name) in self._merge_originals for name in self.merged_adapters):
-            full_index = index if index is not None else torch.arange(base_tensor.numel(), device=values.device)
+            full_index = positions if positions is not None else torch.arange(base_tensor.numel(), device=values.device)
             current = gather_child(base_tensor.detach(), full_index).float()
             true_base = gather_child(self.unmerged_base_tensor(tensor_name), full_index)
             change = values.reshape(-1).float() - true_base.float()
             new_values = (current + change).to(base_tensor.dtype)
-        return index, new_values
+        return held, positions, new_values
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write the child values into the base tensors, keeping the overwritten originals for `unmerge`."""
@@ -488,7 +509,7 @@ class ChildTuningLayer(BaseTunerLayer):
                 raise broken  # finite values can still overflow the base dtype
             # listed before the writes, so that unmerge undoes a merge that fails halfway exactly too
             self.merged_adapters.append(adapter_name)
-            for tensor_name, (index, new_values) in updates.items():
+            for tensor_name, (held, positions, new_values) in updates.items():
                 tensor = getattr(self.get_base_layer(), tensor_name)
                 unmerged = tensor.data.view(-1)
                 copied = tensor.device.type == "cpu"
@@ -499,14 +520,14 @@ class ChildTuningLayer(BaseTunerLayer):
                     # place, measured). The file's pages stay in the page cache either way.
                     tensor.data = tensor.data.clone()
                 flat = tensor.data.view(-1)
-                if index is None:  # every entry is overwritten: the originals are the whole unmerged tensor
+                if positions is None:  # every entry is overwritten: the originals are the whole unmerged tensor
                     originals = unmerged if copied else unmerged.clone()
                     flat.copy_(new_values)
-                else:  # expanded once for both (the held form, kept for unmerge, may be 16-bit gaps)
-                    positions = expand_positions(index.to(flat.device))
+                else:  # int64 positions for both; `held` (16-bit gaps, a bitmap...) is kept for unmerge
+                    positions = positions.to(flat.device)
                     originals = gather_child(flat, positions)
                     write_child(flat, positions, new_values)
-                self._merge_originals[(adapter_name, tensor_name)] = (index, originals)
+                self._merge_originals[(adapter_name, tensor_name)] = (held, originals)
 
     def unmerge(self) -> None:
         """Copy back the base values that merging overwrote, latest merge first: exact in every dtype."""
@@ -545,7 +566,7 @@ class ChildTuningLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense change this adapter makes to the base weight (zero outside the child network)."""
         weight = self.get_base_layer().weight
-        index, new_values = self._merged_values(adapter_name, "weight")
+        _, index, new_values = self._merged_values(adapter_name, "weight")
         base_flat = weight.detach().reshape(-1)
         delta = torch.zeros_like(base_flat)
         if index is None:

@@ -111,10 +111,11 @@ def _unpack_bits(encoded: torch.Tensor) -> torch.Tensor:
 
 
 def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str, name: str) -> torch.Tensor:
-    """Sorted flat positions from their encoding, checked against the tensor's size and the child size.
+    """Sorted flat int64 positions from their encoding, checked against the tensor's size and the child size.
 
-    int32 where the tensor has fewer than 2**31 entries: torch indexes with int32 as with int64 at half the bytes.
-    Runs on the encoded tensor's device; its checks sync with it there, once (a layer then keeps `held_positions`).
+    int64, as decoding gives them and as index_copy_ takes them (index_select too is twice as fast with int64 as with
+    int32 on CPU): merging at load uses them as they are, and a layer keeps only their `held_positions`.
+    Runs on the encoded tensor's device; its checks sync with it there, once.
     """
     expected_dtype = _ENCODING_DTYPES.get(encoding)
     if expected_dtype is None:
@@ -134,7 +135,7 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
             raise AdapterFormatError(
                 f"{name}: the bitmap marks {positions.numel()} entries, the config says the child has {size}."
             )
-        return positions.to(index_dtype(numel))
+        return positions
     if encoding == "int32":
         positions = encoded.long()
     else:
@@ -147,7 +148,7 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
             raise AdapterFormatError(f"{name}: positions out of range for a tensor of {numel} entries.")
         if size > 1 and not bool((positions[1:] > positions[:-1]).all()):
             raise AdapterFormatError(f"{name}: positions are not sorted and distinct (unsorted or duplicated).")
-    return positions.to(index_dtype(numel))
+    return positions
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -185,10 +186,13 @@ def held_positions(encoded: torch.Tensor, positions: torch.Tensor, encoding: str
 
 
 def expand_positions(held: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Sorted flat positions of `dtype` from what `held_positions` kept: on the held tensor's device, with no
-    host sync (a prefix sum for 16-bit gaps, the first counted from -1)."""
+    """Sorted flat positions of `dtype` from what `held_positions` kept, or from a checked encoded tensor, on its
+    device: a prefix sum for 16-bit gaps (the first counted from -1), with no host sync; a bitmap's set bits (an
+    inference merge keeps the bitmap for `unmerge`: decoding it there is rare, holding gaps beside it is not)."""
     if held.dtype == torch.uint16:
         return held.to(torch.int64).cumsum_(0).sub_(1).to(dtype)
+    if held.dtype == torch.uint8:
+        return flat_nonzero(_unpack_bits(held)).to(dtype)
     return held.to(dtype)
 
 

@@ -255,7 +255,7 @@ def positions_of(layer: ChildTuningLayer, adapter: str = "default", tensor_name:
     numel = getattr(layer.get_base_layer(), tensor_name).numel()
     size = getattr(layer, values_attr)[adapter].numel()
     encoding = layer.childtuning_spec[adapter].encodings[tensor_name]
-    positions = decode_positions(encoded, numel, size, encoding, layer.tensor_key(tensor_name))
+    positions = decode_positions(encoded, numel, size, encoding, layer.tensor_key(tensor_name)).to(torch.int32)
     # the layer's own decoded view agrees
     assert torch.equal(layer._positions(adapter, tensor_name), positions)
     return positions

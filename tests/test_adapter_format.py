@@ -37,6 +37,7 @@ from peft_childtuning.sparse_format import (
     decode_positions,
     encode_positions,
     encoded_bytes,
+    expand_positions,
     placeholder,
     save_with_checksums,
 )
@@ -130,7 +131,7 @@ def medium_bert(seed: int = 0) -> BertForSequenceClassification:
 
 
 def assert_valid_positions(positions: torch.Tensor, numel: int, size: int) -> None:
-    assert positions.dtype == torch.int32  # tensors of fewer than 2**31 entries: half the bytes of int64
+    assert positions.dtype == torch.int64  # as index_copy_ takes them; layers hold the compact `held_positions`
     assert tuple(positions.shape) == (size,)
     if size:
         assert int(positions.min()) >= 0 and int(positions.max()) < numel
@@ -354,7 +355,9 @@ def test_decode_round_trips_every_encoding(network):
         assert encoded.dtype == ENCODED_DTYPES[encoding]
         assert encoded.numel() * encoded.element_size() == encoded_bytes(numel, size, encoding)
         decoded = decode_positions(encoded, numel, size, encoding, "t")
-        assert decoded.dtype == torch.int32 and torch.equal(decoded.long(), positions), encoding
+        assert decoded.dtype == torch.int64 and torch.equal(decoded, positions), encoding
+        # what an inference merge keeps for unmerge: the encoded tensor itself, expanded when unmerging
+        assert torch.equal(expand_positions(encoded), positions), encoding
     chosen = choose_encoding(positions, numel)
     assert chosen in valid
     assert encoded_bytes(numel, size, chosen) == min(encoded_bytes(numel, size, name) for name in valid)
