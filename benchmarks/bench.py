@@ -155,6 +155,8 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
             model.detect_child_network([batch] * args.fisher_batches, progress=False)
             fisher_seconds_per_batch = (time.perf_counter() - start) / args.fisher_batches
         parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if args.load_only:
+        return {**result, **_adapter_costs(model, work, batch, args)}
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, weight_decay=0.0)
     # the setup (Fisher pass and selection of D, the released D's masks) belongs to training: its peak counts too
     peak_setup = _rss_bytes("VmHWM") - rss_after_build
@@ -294,6 +296,7 @@ def run_topk_worker(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- driver side
+LOAD_FIELDS = ("load_seconds_base", "load_seconds_with_adapter", "inference_seconds_base", "inference_seconds_after_load")
 DRIVER_ONLY = ("worker", "models", "topk", "out", "name", "methods")  # bench.py's options the workers do not take
 
 
@@ -339,7 +342,10 @@ def merge_rounds(runs: list[dict], memory_fields: tuple[str, ...]) -> dict:
     figure the median over the runs (runs that failed are left out; all failed: the last failure)."""
     done = [run for run in runs if "step_seconds" in run]
     if not done:
-        return runs[-1]
+        loaded = [run for run in runs if "load_seconds_base" in run]  # --load-only: the median of each figure
+        if not loaded:
+            return runs[-1]
+        return {**loaded[-1], **{field: statistics.median(run[field] for run in loaded) for field in LOAD_FIELDS}}
     merged = {**done[-1], "median_step_seconds": statistics.median(s for run in done for s in run["step_seconds"])}
     for field in memory_fields:
         merged[field] = statistics.median(run[field] for run in done)
@@ -350,9 +356,28 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return "" if value is None or not reference else f"{value / reference:.2f}x"
 
 
+def _load_markdown(model_name: str, runs: dict) -> list[str]:
+    lines = [
+        f"### {model_name}: load + first forward",
+        "",
+        "| method | base alone s | base + adapter s | ratio | inference after load vs base | adapter bytes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, run in runs.items():
+        lines.append(
+            f"| {method} | {run['load_seconds_base']:.3f} | {run['load_seconds_with_adapter']:.3f} | "
+            f"{_ratio(run['load_seconds_with_adapter'], run['load_seconds_base'])} | "
+            f"{_ratio(run['inference_seconds_after_load'], run['inference_seconds_base'])} | {run['adapter_bytes']:,} |"
+        )
+    return lines + [""]
+
+
 def _markdown(results: dict, settings: dict) -> str:
     lines = [f"Settings: {json.dumps(settings)}", ""]
     for model_name, runs in results.get("models", {}).items():
+        if settings.get("load_only"):
+            lines += _load_markdown(model_name, runs)
+            continue
         vanilla = runs.get("vanilla", {})
         lines += [
             f"### {model_name}",
@@ -451,6 +476,11 @@ def main(argv: list[str] | None = None) -> None:
         "--gradient-checkpointing", action="store_true", help="recompute activations in the backward (all methods)"
     )
     parser.add_argument("--load-repeats", type=int, default=3)
+    parser.add_argument(
+        "--load-only",
+        action="store_true",
+        help="no training steps: build each adapter (D: Fisher pass), then time load + first forward against the base",
+    )
     parser.add_argument("--inference-repeats", type=int, default=5)
     parser.add_argument("--topk", default="", help="comma-separated N for the top-k benchmark, e.g. 1e6,1e9")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -484,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / f"{args.name}.json").write_text(json.dumps(results, indent=2))
     markdown = _markdown(results, settings)
     (out / f"{args.name}.md").write_text(markdown)
-    if _plot(results, out / f"{args.name}.png"):
+    if not args.load_only and _plot(results, out / f"{args.name}.png"):
         print(f"plot: {out / f'{args.name}.png'}")
     print(markdown)
 

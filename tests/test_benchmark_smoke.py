@@ -34,6 +34,19 @@ def test_benchmark_script_writes_results(tmp_path: Path) -> None:
     assert "| childtuning_d |" in (tmp_path / "smoke.md").read_text()
 
 
+def test_benchmark_load_only_times_loading_against_the_base(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(BENCH), "--models", "tiny", "--methods", "childtuning_d", "--load-only",
+        "--batch-size", "2", "--seq-len", "8", "--rounds", "1", "--fisher-batches", "1", "--load-repeats", "1",
+        "--inference-repeats", "1", "--out", str(tmp_path), "--name", "load",
+    ]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    child = json.loads((tmp_path / "load.json").read_text())["models"]["tiny"]["childtuning_d"]
+    assert "step_seconds" not in child  # no training steps
+    assert child["load_seconds_with_adapter"] > 0 and child["load_seconds_base"] > 0 and child["adapter_bytes"] > 0
+    assert "| childtuning_d |" in (tmp_path / "load.md").read_text()
+
+
 LLM_BENCH = BENCH.parent / "llm_bench.py"
 
 
