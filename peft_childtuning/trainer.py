@@ -49,7 +49,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import ChildTuningConfig
-from .fisher import LossFunction
+from .fisher import FisherChunks, LossFunction
 from .gradient_mask import MaskStepCounter
 from .layer import ChildTuningLayer
 from .model import active_child_tuning_adapters, child_tuning_adapters, detect_child_network, tuned_tensors
@@ -173,6 +173,7 @@ def _run_fisher_pass(
     loss_fn: Optional[LossFunction],
     max_grad_norm: Optional[float],
     progress: bool,
+    fisher_chunks: FisherChunks,
 ) -> None:
     """One Fisher pass per adapter (each adapter's selection is its own, from its own reserve_p and targets)."""
     with _without_autocast_wrapper(model):
@@ -185,6 +186,7 @@ def _run_fisher_pass(
                 max_grad_norm=max_grad_norm,
                 adapter_name=adapter_name,
                 progress=progress,
+                fisher_chunks=fisher_chunks,
             )
 
 
@@ -208,6 +210,9 @@ class ChildTuningCallback(TrainerCallback):
         loss_fn: ``loss_fn(model, batch) -> loss`` for the Fisher pass (default: ``model(**batch).loss``).
         max_grad_norm: per-tensor gradient clipping of the Fisher pass (the paper's code: 1.0).
         progress: show a progress bar during the Fisher pass.
+        fisher_chunks: as in :func:`detect_child_network`: 1 (one pass, the fastest), N, or "auto" (scores in chunks,
+            one pass over the same batches each, so that the pass peaks no higher than training does; the same child
+            network).
     """
 
     def __init__(
@@ -216,11 +221,13 @@ class ChildTuningCallback(TrainerCallback):
         loss_fn: Optional[LossFunction] = None,
         max_grad_norm: Optional[float] = 1.0,
         progress: bool = False,
+        fisher_chunks: FisherChunks = 1,
     ) -> None:
         self.num_batches = num_batches
         self.loss_fn = loss_fn
         self.max_grad_norm = max_grad_norm
         self.progress = progress
+        self.fisher_chunks = fisher_chunks
         self.fisher_passes = 0  # Fisher passes run for this Trainer (0 when resumed from a checkpoint)
         self.fisher_seconds = 0.0  # their wall time
         self.summary: dict[str, dict[str, Any]] = {}
@@ -253,7 +260,14 @@ class ChildTuningCallback(TrainerCallback):
                 )
             started = time.perf_counter()
             _run_fisher_pass(
-                model, pending, train_dataloader, self.num_batches, self.loss_fn, self.max_grad_norm, self.progress
+                model,
+                pending,
+                train_dataloader,
+                self.num_batches,
+                self.loss_fn,
+                self.max_grad_norm,
+                self.progress,
+                self.fisher_chunks,
             )
             self.fisher_seconds += time.perf_counter() - started
             self.fisher_passes += 1
@@ -291,6 +305,7 @@ def prepare_child_network(
     loss_fn: Optional[LossFunction] = _UNSET,
     max_grad_norm: Optional[float] = _UNSET,
     progress: bool = _UNSET,
+    fisher_chunks: FisherChunks = _UNSET,
 ) -> dict[str, dict[str, Any]]:
     """Give the Trainer's Child-Tuning-D adapter its child network now, before ``trainer.train()`` wraps the model.
 
@@ -318,12 +333,14 @@ def prepare_child_network(
         "loss_fn": None if callback is None else callback.loss_fn,
         "max_grad_norm": 1.0 if callback is None else callback.max_grad_norm,
         "progress": False if callback is None else callback.progress,
+        "fisher_chunks": 1 if callback is None else callback.fisher_chunks,
     }
     for key, value in (
         ("num_batches", num_batches),
         ("loss_fn", loss_fn),
         ("max_grad_norm", max_grad_norm),
         ("progress", progress),
+        ("fisher_chunks", fisher_chunks),
     ):
         if value is not _UNSET:
             settings[key] = value

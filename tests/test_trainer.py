@@ -172,6 +172,29 @@ def test_prepare_child_network_before_train_equals_the_callback_path(tmp_path):
     assert_identical(trained_tensors(via_callback), trained_tensors(prepared))
 
 
+def test_fisher_chunks_through_the_callback_and_prepare_child_network(tmp_path, monkeypatch):
+    """The chunked Fisher pass (less memory, the same child network) is reachable from the Trainer's entry points."""
+    import peft_childtuning.fisher as fisher
+
+    passes = []
+    original = fisher._fisher_pass
+    monkeypatch.setattr(fisher, "_fisher_pass", lambda *a, **k: passes.append(1) or original(*a, **k))
+    one_pass = make_model("d")
+    make_trainer(one_pass, tmp_path / "a", max_steps=1).train()
+    assert len(passes) == 1
+    expected = {key: positions_of(layer) for key, layer in child_layers(one_pass).items()}
+
+    chunked = make_model("d")
+    make_trainer(chunked, tmp_path / "b", callbacks=[ChildTuningCallback(fisher_chunks=3)], max_steps=1).train()
+    assert len(passes) == 1 + 3  # one pass over the same batches per chunk
+    prepared = make_model("d")
+    prepare_child_network(make_trainer(prepared, tmp_path / "c"), fisher_chunks=2)
+    assert len(passes) == 1 + 3 + 2
+    for model in (chunked, prepared):
+        for key, layer in child_layers(model).items():
+            assert torch.equal(positions_of(layer), expected[key]), key
+
+
 def test_callback_refuses_a_pending_adapter_in_a_multi_process_run(tmp_path, monkeypatch):
     monkeypatch.setattr(ct_trainer, "_is_distributed", lambda: True)
     trainer = make_trainer(make_model("d"), tmp_path)
