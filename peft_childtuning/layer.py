@@ -169,6 +169,8 @@ class ChildTuningLayer(BaseTunerLayer):
         self._decoded_positions: dict[tuple[str, str], DecodedPositions] = {}
         # positions decoded while a checkpoint was validated, with its encoded tensor: reused once it is loaded
         self._validated_positions: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        # the base tensors' copies merging made (data pointer per tensor name), written in place by later merges
+        self._copied_storage: dict[str, int] = {}
         # the base values that merging overwrote, per (adapter, tensor name): unmerge copies them back
         self._merge_originals: dict[tuple[str, str], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
         self.module_key = module_key
@@ -343,14 +345,15 @@ class ChildTuningLayer(BaseTunerLayer):
     def _merge_positions(self, adapter_name: str, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(what `unmerge` will expand, the sorted int64 positions) for merging one adapter's tensor.
 
-        A merge at load finds nothing cached: it decodes (or takes the positions checked with the checkpoint) and
-        keeps the encoded tensor itself for `unmerge`, so loading for inference never builds the held form that
-        training forwards need (`_held_positions` builds it at the first such use)."""
+        A merge at load takes the positions checked with the checkpoint and keeps the encoded tensor itself for
+        `unmerge`, so loading for inference never builds the held form that training forwards need; any other merge
+        (switching adapters, say) uses and caches the held form (`_held_positions`)."""
         encoded = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])[adapter_name]
         cached = self._decoded_positions.get((adapter_name, tensor_name))
-        if cached is not None and cached.encoded is encoded:
-            return cached.positions, expand_positions(cached.positions)
-        return encoded, self._checked_positions(adapter_name, tensor_name).to(encoded.device)
+        if (cached is None or cached.encoded is not encoded) and (adapter_name, tensor_name) in self._validated_positions:
+            return encoded, self._checked_positions(adapter_name, tensor_name).to(encoded.device)
+        held = self._held_positions(adapter_name, tensor_name)  # decoded once, for every later merge and unmerge
+        return held, expand_positions(held)
 
     @torch.compiler.disable  # numpy, data-dependent checks: run eagerly, once, rather than traced
     def _decode_positions(self, adapter_name: str, tensor_name: str) -> DecodedPositions:
@@ -505,20 +508,22 @@ class ChildTuningLayer(BaseTunerLayer):
             if safe_merge and not all(all_finite(values) for values in self._adapter_parameters(adapter_name)):
                 raise broken
             updates = {name: self._merged_values(adapter_name, name) for name in self.tuned_tensor_names(adapter_name)}
-            if safe_merge and not all(all_finite(values) for _, values in updates.values()):
+            if safe_merge and not all(all_finite(values) for *_, values in updates.values()):
                 raise broken  # finite values can still overflow the base dtype
             # listed before the writes, so that unmerge undoes a merge that fails halfway exactly too
             self.merged_adapters.append(adapter_name)
             for tensor_name, (held, positions, new_values) in updates.items():
                 tensor = getattr(self.get_base_layer(), tensor_name)
                 unmerged = tensor.data.view(-1)
-                copied = tensor.device.type == "cpu"
+                copied = tensor.device.type == "cpu" and self._copied_storage.get(tensor_name) != tensor.data_ptr()
                 if copied:
                     # written in a copy of its own, as peft's safe_merge does. A freshly loaded base is
                     # memory-mapped: writing into it costs a copy-on-write fault per 4 KiB page, slowed further by
                     # threads faulting at once (loading an adapter onto BERT-base: 0.41 s with the copy, 1.1 s in
-                    # place, measured). The file's pages stay in the page cache either way.
+                    # place, measured). The file's pages stay in the page cache either way. Once copied, it is
+                    # written in place: switching adapters costs the child entries, not the tensor.
                     tensor.data = tensor.data.clone()
+                    self._copied_storage[tensor_name] = tensor.data_ptr()
                 flat = tensor.data.view(-1)
                 if positions is None:  # every entry is overwritten: the originals are the whole unmerged tensor
                     originals = unmerged if copied else unmerged.clone()

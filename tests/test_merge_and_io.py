@@ -260,3 +260,28 @@ def test_switching_adapters_and_deleting():
     model.delete_adapter("other")
     assert all("other" not in layer.childtuning_values for layer in child_layers(model).values())
     assert torch.equal(logits(model, batch), out_default)
+
+
+def test_switching_merged_adapters_writes_in_place_and_exactly(tmp_path):
+    """A merged model switches adapters by writing the child entries back and in, in the copy its first merge made:
+    no new storage per switch (the cost follows the child entries, not the model), the same outputs as unmerged."""
+    arch = ARCHS["bert"]
+    model = peft_model(arch.build(), mode="d", selection="random", seed=1, init_weights=False)
+    model.add_adapter("other", ChildTuningConfig(mode="d", selection="random", seed=2, init_weights=False))
+    batch = {key: value for key, value in arch.batches(1, seed=27)[0].items() if key != "labels"}
+    expected = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        expected[name] = logits(model, batch)
+    before = base_weights(model)
+    model.set_adapter("default")
+    model.merge_adapter(safe_merge=True)
+    storage = {key: layer.get_base_layer().weight.data_ptr() for key, layer in child_layers(model).items()}
+    for name in ("other", "default", "other"):
+        model.set_adapter(name)
+        assert torch.equal(logits(model, batch), expected[name]), name
+        for key, layer in child_layers(model).items():
+            assert layer.get_base_layer().weight.data_ptr() == storage[key], f"{key}: switching copied the tensor"
+    model.unmerge_adapter()
+    for key, weight in base_weights(model).items():
+        assert torch.equal(weight, before[key]), key
