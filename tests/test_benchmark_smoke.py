@@ -78,3 +78,18 @@ def test_llm_benchmark_worker_figures() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_llm_benchmark_worker_cuda() -> None:
     _check_llm_figures(_llm_worker("lora", "cuda"), _llm_worker("childtuning_d", "cuda", "lora"))
+
+
+def test_switch_benchmark_checks_outputs_after_each_switch(tmp_path: Path) -> None:
+    script = BENCH.parent / "switch.py"
+    command = [
+        sys.executable, str(script), "--models", "tiny", "--reserve-ps", "0.3", "--rounds", "1", "--switches", "2",
+        "--out", str(tmp_path), "--name", "switch",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    runs = json.loads((tmp_path / "switch.json").read_text())["models"]["tiny"]
+    child = runs["childtuning_d p=0.3"]
+    assert child["switches"] == 2 and child["child_entries"] > 0
+    assert child["largest_output_difference"] == 0.0  # switching merged Child-Tuning adapters is exact
+    assert runs["lora"]["largest_output_difference"] < 1e-4
+    assert "| childtuning_d p=0.3 |" in (tmp_path / "switch.md").read_text()
