@@ -6,11 +6,17 @@ whichever encoding is smallest for that tensor:
 - ``"bitmap"``: a packed bitmap of the tensor's n entries, uint8[ceil(n / 8)] (little-endian bit order);
 - ``"int32"``: the sorted flat positions, int32[k];
 - ``"gap16"``: the gaps between successive sorted positions (the first one counted from -1), uint16[k], when every
-  gap fits in 16 bits.
+  gap fits in 16 bits;
+- ``"gap16x"``: the same gaps where some do not fit, as a uint16 stream: a 0 word (never a gap: it would repeat a
+  position) advances 65,535 entries and places nothing, so a gap g is written as (g - 1) // 65535 zero words and
+  then its remainder, 1 to 65,535. A wide gap costs a few words instead of turning the whole tensor into int32, and
+  the stream decodes with a prefix sum on the device (no sequential parse, as an escape followed by a 32-bit gap
+  would need). Its length varies, so the config records it (``child_encoded_lengths``).
 
 The layers hold positions in this encoded form too, so a checkpoint's tensors have the shapes the layers already
-have (from the config's ``child_sizes`` and ``child_encodings``) and every loader, transformers' included, can load
-them as they are. Decoding validates: a corrupted file gives an `AdapterFormatError`, never a wrong model.
+have (from the config's ``child_sizes``, ``child_encodings`` and ``child_encoded_lengths``) and every loader,
+transformers' included, can load them as they are. Decoding validates: a corrupted file gives an
+`AdapterFormatError`, never a wrong model.
 """
 
 from __future__ import annotations
@@ -20,16 +26,18 @@ import json
 import os
 import struct
 import zlib
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 
-ENCODINGS = ("bitmap", "int32", "gap16")
-_ENCODING_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16}
-_GAP16_MAX = (1 << 16) - 1
+ENCODINGS = ("bitmap", "int32", "gap16", "gap16x")
+# encodings whose length depends on the positions, not only on the tensor's and child's sizes: recorded in the config
+VARIABLE_LENGTH_ENCODINGS = ("gap16x",)
+_ENCODING_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16, "gap16x": torch.uint16}
+_GAP16_MAX = (1 << 16) - 1  # the widest 16-bit gap, and how far a gap16x zero word advances
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 # `flat_nonzero` takes numpy's path on CPU; tests turn this off to check the torch path that runs on accelerators
 _NUMPY_ON_CPU = True  # bit i of a bitmap byte marks its entry i (little-endian)
@@ -45,40 +53,78 @@ class AdapterFormatError(ValueError):
     """
 
 
-def encoded_bytes(numel: int, size: int, encoding: str) -> int:
-    return {"bitmap": (numel + 7) // 8, "int32": 4 * size, "gap16": 2 * size}[encoding]
+def encoded_length(
+    numel: int, size: int, encoding: str, recorded: Optional[int] = None, name: str = "positions"
+) -> int:
+    """The number of elements of the encoded positions of `size` child entries in a tensor of `numel`.
 
-
-def placeholder(numel: int, size: int, encoding: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """An encoded-positions tensor of the right shape and dtype, to be filled by a loader.
-
-    Unless the child is empty it does not decode (no bit set, position -1, zero gaps), so a loader that skips it
-    is caught at first use.
+    A gap16x stream's length is `recorded` (the config's ``child_encoded_lengths``), checked against what such a
+    child can need (its size, plus one zero word per 65,535 entries skipped), before a few bytes of JSON allocate
+    gigabytes.
     """
     if encoding == "bitmap":
-        return torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=device)
+        return (numel + 7) // 8
+    if encoding in ("int32", "gap16"):
+        return size
+    if encoding == "gap16x":
+        most = size + max(numel - size, 0) // _GAP16_MAX
+        if type(recorded) is not int or not size <= recorded <= most:
+            raise AdapterFormatError(
+                f"{name}: a gap16x stream of {size} positions in a tensor of {numel} entries has {size} to {most} "
+                f"words, the config's child_encoded_lengths records {recorded!r}; the adapter_config.json is "
+                "corrupted or does not belong to this model. Save the adapter again."
+            )
+        return recorded
+    raise AdapterFormatError(f"{name}: unknown position encoding {encoding!r}; expected one of {ENCODINGS}")
+
+
+def encoded_bytes(numel: int, size: int, encoding: str, recorded: Optional[int] = None) -> int:
+    return encoded_length(numel, size, encoding, recorded) * _ENCODING_DTYPES[encoding].itemsize
+
+
+def placeholder(
+    numel: int, size: int, encoding: str, device: torch.device | str = "cpu", recorded: Optional[int] = None
+) -> torch.Tensor:
+    """An encoded-positions tensor of the right shape and dtype, to be filled by a loader (`recorded`: a gap16x
+    stream's length, see `encoded_length`).
+
+    Unless the child is empty it does not decode (no bit set, position -1, zero gaps, a stream of zero words), so a
+    loader that skips it is caught at first use.
+    """
+    length = encoded_length(numel, size, encoding, recorded)
     if encoding == "int32":
-        return torch.full((size,), -1, dtype=torch.int32, device=device)
-    if encoding == "gap16":
-        return torch.zeros(size, dtype=torch.uint16, device=device)
-    raise AdapterFormatError(f"unknown position encoding {encoding!r}; expected one of {ENCODINGS}")
+        return torch.full((length,), -1, dtype=torch.int32, device=device)
+    return torch.zeros(length, dtype=_ENCODING_DTYPES[encoding], device=device)
 
 
 def choose_encoding(positions: torch.Tensor, numel: int) -> str:
-    """The smallest encoding of these sorted positions (ties favour the bitmap, then int32)."""
+    """The smallest encoding of these sorted positions (ties favour the bitmap, then int32).
+
+    Gaps are written as gap16 where all fit in 16 bits, else as gap16x (whose length, the size plus a zero word per
+    65,535 entries skipped, is then `encoded_bytes`' `recorded`).
+    """
     size = positions.numel()
-    candidates = ["bitmap", "int32"]
-    if size and int(_gaps(positions.long()).max()) <= _GAP16_MAX:
-        candidates.append("gap16")
-    return min(candidates, key=lambda encoding: encoded_bytes(numel, size, encoding))
+    candidates = {encoding: encoded_bytes(numel, size, encoding) for encoding in ("bitmap", "int32")}
+    if size:
+        skips = int(_skip_words(_gaps(positions.long())).sum())
+        candidates["gap16x" if skips else "gap16"] = 2 * (size + skips)
+    return min(candidates, key=candidates.__getitem__)
 
 
 def _gaps(positions: torch.Tensor) -> torch.Tensor:
     return torch.diff(positions, prepend=positions.new_full((1,), -1))
 
 
-def encoding_of(encoded: torch.Tensor) -> str:
-    """The encoding of an encoded-positions tensor, told by its dtype (each encoding has its own)."""
+def _skip_words(gaps: torch.Tensor) -> torch.Tensor:
+    """How many gap16x zero words precede each gap's remainder."""
+    return torch.div(gaps - 1, _GAP16_MAX, rounding_mode="floor")
+
+
+def encoding_of(encoded: torch.Tensor, size: int) -> str:
+    """The encoding of the encoded positions of `size` child entries, told by its dtype, and for 16-bit words by
+    its length: a stream longer than the child has gap16x's zero words (one as long is gap16, with or without)."""
+    if encoded.dtype == torch.uint16:
+        return "gap16" if encoded.numel() == size else "gap16x"
     for encoding, dtype in _ENCODING_DTYPES.items():
         if encoded.dtype == dtype:
             return encoding
@@ -100,7 +146,24 @@ def encode_positions(positions: torch.Tensor, numel: int, encoding: str) -> torc
         return positions.to(torch.int32)
     if encoding == "gap16":
         return _gaps(positions).to(torch.uint16)
+    if encoding == "gap16x":
+        return _gap_stream(positions)
     raise AdapterFormatError(f"unknown position encoding {encoding!r}; expected one of {ENCODINGS}")
+
+
+def _gap_stream(positions: torch.Tensor) -> torch.Tensor:
+    """The gap16x stream of sorted int64 positions, on their device: each gap's remainder after its zero words
+    (as gap16's gaps where no gap is wide). Its length is known only here: one sync."""
+    gaps = _gaps(positions)
+    skips = _skip_words(gaps)
+    remainders = gaps.sub_(skips * _GAP16_MAX)
+    skipped = int(skips.sum())
+    if not skipped:
+        return remainders.to(torch.uint16)
+    # built in int32: index_copy_ has no 16-bit unsigned kernel
+    stream = torch.zeros(positions.numel() + skipped, dtype=torch.int32, device=positions.device)
+    where = skips.cumsum_(0).add_(torch.arange(positions.numel(), device=positions.device))
+    return stream.index_copy_(0, where, remainders.to(torch.int32)).to(torch.uint16)
 
 
 def _unpack_bits(encoded: torch.Tensor) -> torch.Tensor:
@@ -110,8 +173,11 @@ def _unpack_bits(encoded: torch.Tensor) -> torch.Tensor:
     return ((encoded.unsqueeze(1) >> _BIT_SHIFTS.to(encoded.device)) & 1).view(-1).bool()
 
 
-def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str, name: str) -> torch.Tensor:
-    """Sorted flat int64 positions from their encoding, checked against the tensor's size and the child size.
+def decode_positions(
+    encoded: torch.Tensor, numel: int, size: int, encoding: str, name: str, recorded: Optional[int] = None
+) -> torch.Tensor:
+    """Sorted flat int64 positions from their encoding, checked against the tensor's size, the child size and, for
+    gap16x, the stream length the config records (`recorded`).
 
     int64, as decoding gives them and as index_copy_ takes them (index_select too is twice as fast with int64 as with
     int32 on CPU): merging at load uses them as they are, and a layer keeps only their `held_positions`.
@@ -120,7 +186,7 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
     expected_dtype = _ENCODING_DTYPES.get(encoding)
     if expected_dtype is None:
         raise AdapterFormatError(f"{name}: unknown position encoding {encoding!r}; expected one of {ENCODINGS}")
-    expected_length = (numel + 7) // 8 if encoding == "bitmap" else size
+    expected_length = encoded_length(numel, size, encoding, recorded, name)
     if encoded.dtype != expected_dtype or tuple(encoded.shape) != (expected_length,):
         raise AdapterFormatError(
             f"{name}: {encoding} positions should be {expected_dtype}[{expected_length}], the file has "
@@ -139,10 +205,19 @@ def decode_positions(encoded: torch.Tensor, numel: int, size: int, encoding: str
     if encoding == "int32":
         positions = encoded.long()
     else:
-        gaps = encoded.to(torch.int64)
-        if size and bool((gaps == 0).any()):
+        placed = int(torch.count_nonzero(encoded.to(torch.int32)))  # no 16-bit unsigned kernel
+        if placed != size and encoding == "gap16":
             raise AdapterFormatError(f"{name}: a zero gap encodes a duplicated position.")
-        positions = gaps.cumsum(0) - 1
+        if placed != size:
+            raise AdapterFormatError(
+                f"{name}: the gap16x stream places {placed} positions, the config says the child has {size}."
+            )
+        if encoded.numel() and int(encoded[-1]) == 0:
+            raise AdapterFormatError(
+                f"{name}: the gap16x stream ends in a zero word, which skips entries but places no position "
+                "(truncated?)."
+            )
+        positions = expand_positions(encoded, size)
     if size:
         if int(positions[0]) < 0 or int(positions[-1]) >= numel:
             raise AdapterFormatError(f"{name}: positions out of range for a tensor of {numel} entries.")
@@ -173,24 +248,29 @@ def held_positions(encoded: torch.Tensor, positions: torch.Tensor, encoding: str
     """What a layer keeps of decoded `positions` next to their encoding, for `expand_positions` at every use.
 
     int32 positions and 16-bit gaps serve as they are: the encoded tensor itself, nothing held twice. A bitmap
-    (chosen only where it is smaller than the gaps) is kept with the 16-bit gaps where they fit, else the positions:
-    held positions cost at most 4 bytes per child entry beyond the encoding the checkpoint needs. Checks the gaps
-    once, here (on a GPU that syncs once, at decoding, never per step).
+    (chosen only where it is smaller than the gaps) is kept with its gap16x stream: a bitmap is smallest only for
+    at least one child entry in 32, so the stream's zero words (one per 65,535 entries) add under 0.1% to its 2
+    bytes per child entry, beyond the encoding the checkpoint needs. Its length is counted once, here (on a GPU
+    that syncs once, at decoding, never per step).
     """
-    if encoding in ("int32", "gap16"):
+    if encoding != "bitmap":
         return encoded
-    gaps = _gaps(positions)  # in the positions' own integer dtype: int32 gaps of int32 positions
-    if gaps.numel() and int(gaps.max()) <= _GAP16_MAX:
-        return gaps.to(torch.uint16)
-    return positions
+    return _gap_stream(positions.long())
 
 
-def expand_positions(held: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Sorted flat positions of `dtype` from what `held_positions` kept, or from a checked encoded tensor, on its
-    device: a prefix sum for 16-bit gaps (the first counted from -1), with no host sync; a bitmap's set bits (an
-    inference merge keeps the bitmap for `unmerge`: decoding it there is rare, holding gaps beside it is not)."""
+def expand_positions(held: torch.Tensor, size: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """The `size` sorted flat positions of `dtype` from what `held_positions` kept, or from a checked encoded
+    tensor, on its device, with no host sync: a prefix sum for 16-bit gaps (the first counted from -1), in which a
+    gap16x stream's zero words (a stream longer than `size`) advance 65,535 entries and are then dropped, by
+    nonzero_static of the known size; a bitmap's set bits (an inference merge keeps the bitmap for `unmerge`:
+    decoding it there is rare, holding gaps beside it is not)."""
     if held.dtype == torch.uint16:
-        return held.to(torch.int64).cumsum_(0).sub_(1).to(dtype)
+        words = held.to(torch.int64)
+        if held.numel() == size:
+            return words.cumsum_(0).sub_(1).to(dtype)
+        placed = words != 0
+        ends = words.masked_fill_(~placed, _GAP16_MAX).cumsum_(0).sub_(1)
+        return ends.index_select(0, torch.nonzero_static(placed, size=size).squeeze(1)).to(dtype)
     if held.dtype == torch.uint8:
         return flat_nonzero(_unpack_bits(held)).to(dtype)
     return held.to(dtype)

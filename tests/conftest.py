@@ -418,7 +418,8 @@ def written_by_hand(base: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
             module = key.removesuffix(".childtuning_values")
             encoded = tensors[f"{module}.childtuning_positions"]
             weight = state[f"{module}.weight"]
-            positions = decode_positions(encoded, weight.numel(), values.numel(), encoding_of(encoded), module)
+            encoding = encoding_of(encoded, values.numel())
+            positions = decode_positions(encoded, weight.numel(), values.numel(), encoding, module, encoded.numel())
             weight.view(-1)[positions.long()] = values.to(weight.dtype)
         elif not key.endswith(".childtuning_positions"):
             state[key].copy_(values)

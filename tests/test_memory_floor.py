@@ -96,24 +96,25 @@ def test_a_loaded_adapter_holds_no_validation_cache(tmp_path) -> None:
     "positions, numel",
     [
         (torch.tensor([0, 1, 2, 5, 9, 10]), 12),  # dense: bitmap, held as gaps
-        (torch.tensor([3, 70_000, 70_001]), 400_000),  # a gap over 16 bits: int32, its own cache
+        (torch.tensor([3, 70_000, 70_001]), 400_000),  # a gap over 16 bits: gap16x (one zero word), its own cache
+        (torch.tensor([0, 200_000]), 400_000),  # a gap of three zero words: int32, its own cache
         (torch.tensor([7, 65_541, 131_075]), 300_000),  # the widest gaps that fit: gap16, its own cache
         (torch.arange(0, 200_000, 3), 200_000),  # bitmap with a gap of 3, held as gaps
-        (torch.tensor([5, 100_000]), 100_001),  # bitmap forced below, held as int32 (a gap over 16 bits)
+        (torch.tensor([5, 100_000]), 100_001),  # bitmap forced below, held as a gap16x stream (a gap over 16 bits)
     ],
 )
 @pytest.mark.parametrize("encoding", [None, "bitmap"])
 def test_held_positions_expand_to_the_positions(positions: torch.Tensor, numel: int, encoding: str | None) -> None:
     encoding = encoding or choose_encoding(positions, numel)
     encoded = encode_positions(positions, numel, encoding)
-    decoded = decode_positions(encoded, numel, positions.numel(), encoding, "t")
+    decoded = decode_positions(encoded, numel, positions.numel(), encoding, "t", encoded.numel())
     held = held_positions(encoded, decoded, encoding)
     if encoding != "bitmap":
         assert held is encoded  # nothing held twice
     else:
-        assert held.element_size() <= 4
-    assert torch.equal(expand_positions(held), positions)
-    assert torch.equal(expand_positions(held, torch.int32), positions.to(torch.int32))
+        assert held.numel() * held.element_size() <= 4 * positions.numel()  # at most 4 bytes per child entry
+    assert torch.equal(expand_positions(held, positions.numel()), positions)
+    assert torch.equal(expand_positions(held, positions.numel(), torch.int32), positions.to(torch.int32))
 
 
 def test_scatter_in_place_is_bit_identical_to_out_of_place() -> None:
@@ -140,7 +141,7 @@ def test_encoding_on_the_device_matches_the_cpu(encoding: str) -> None:
     assert decoded.is_cuda and torch.equal(decoded.cpu(), expected)
     assert choose_encoding(positions.cuda(), numel) == choose_encoding(positions, numel)
     held = held_positions(on_device, decoded, encoding)
-    assert held.is_cuda and torch.equal(expand_positions(held).cpu(), positions)
+    assert held.is_cuda and torch.equal(expand_positions(held, positions.numel()).cpu(), positions)
 
 
 @needs_cuda
