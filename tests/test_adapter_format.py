@@ -47,7 +47,7 @@ from conftest import ARCHS, child_layers, peft_model, positions_of, tiny_bert, t
 BERT = ARCHS["bert"]
 SAVED_PREFIX = "base_model.model."
 VALUES, POSITIONS = "childtuning_values", "childtuning_positions"
-ENCODED_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16}
+ENCODED_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16, "gap16x": torch.uint16}
 GAP16_MAX = (1 << 16) - 1
 BYTES_PER_VALUE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -107,12 +107,31 @@ def data_bytes(entry: dict) -> int:
     return entry["data_offsets"][1] - entry["data_offsets"][0]
 
 
+def gaps_of(positions: torch.Tensor) -> torch.Tensor:
+    return torch.diff(positions, prepend=positions.new_full((1,), -1))
+
+
 def valid_encodings(positions: torch.Tensor, numel: int) -> list[str]:
     """Every encoding that can represent these sorted positions (gap16 only where each gap fits in 16 bits)."""
-    candidates = ["bitmap", "int32"]
-    if positions.numel() and int(torch.diff(positions, prepend=positions.new_full((1,), -1)).max()) <= GAP16_MAX:
+    candidates = ["bitmap", "int32", "gap16x"]
+    if positions.numel() and int(gaps_of(positions).max()) <= GAP16_MAX:
         candidates.append("gap16")
     return candidates
+
+
+def gap16x_length(positions: torch.Tensor) -> int:
+    """The words of a gap16x stream, counted apart from the encoder: one per position, and a zero word per 65,535
+    entries that a gap skips before its last 1 to 65,535."""
+    return positions.numel() + int(((gaps_of(positions) - 1) // GAP16_MAX).sum())
+
+
+def recorded_length(positions: torch.Tensor, encoding: str) -> Optional[int]:
+    """What the config records of an encoding's length: a gap16x stream's, nothing for the others."""
+    return gap16x_length(positions) if encoding == "gap16x" else None
+
+
+def encoded_size(positions: torch.Tensor, numel: int, encoding: str) -> int:
+    return encoded_bytes(numel, positions.numel(), encoding, recorded_length(positions, encoding))
 
 
 def file_key(tensor_key: str, container: str) -> str:
@@ -228,10 +247,11 @@ def test_mode_d_file_holds_positions_and_values_in_weight_dtype(bert_dirs, tmp_p
         assert torch.equal(values, layer.childtuning_values["default"].detach().to(dtype)), tensor_key
         # positions: in the declared encoding, decoding to the layer's child network
         assert encoded.dtype == ENCODED_DTYPES[encoding], tensor_key
-        positions = decode_positions(encoded, weight.numel(), size, encoding, tensor_key)
+        recorded = (config.child_encoded_lengths or {}).get(tensor_key)
+        positions = decode_positions(encoded, weight.numel(), size, encoding, tensor_key, recorded)
         assert torch.equal(positions, positions_of(layer)), tensor_key
         # the smallest encoding that can hold them
-        smallest = min(encoded_bytes(weight.numel(), size, name) for name in valid_encodings(positions, weight.numel()))
+        smallest = min(encoded_size(positions, weight.numel(), name) for name in valid_encodings(positions, weight.numel()))
         assert encoded.numel() * encoded.element_size() == smallest, (tensor_key, encoding)
         assert encoded.numel() * encoded.element_size() <= min((weight.numel() + 7) // 8, 4 * size)
     # modules_to_save (the classifier) whole; nothing else: no base weights
@@ -289,7 +309,11 @@ def test_file_size_bound(tmp_path, reserve_p, dtype):
     assert size <= bound, f"{size} bytes > bound {bound:.0f}"
     # exact accounting: the tensors hold the values, the chosen encodings and modules_to_save, nothing more
     k = sum(config.child_sizes.values())
-    chosen = sum(encoded_bytes(numels[key], config.child_sizes[key], config.child_encodings[key]) for key in numels)
+    lengths = config.child_encoded_lengths or {}
+    chosen = sum(
+        encoded_bytes(numels[key], config.child_sizes[key], config.child_encodings[key], lengths.get(key))
+        for key in numels
+    )
     modules_to_save = sum(
         data_bytes(entry) for key, entry in header.items() if VALUES not in key and POSITIONS not in key
     )
@@ -339,30 +363,45 @@ def child_networks(draw, max_numel: int = 3000, max_size: int = 400):
 
 @st.composite
 def sparse_child_networks(draw):
-    """Big tensors with few entries: gaps that may not fit in 16 bits."""
-    numel = draw(st.integers(1, 400_000))
+    """Big tensors with few entries: gaps that may not fit in 16 bits, some many times over."""
+    numel = draw(st.sampled_from([400_000, 3_000_000]))
+    numel = draw(st.integers(1, numel))
     return numel, _sorted_positions(draw, numel, 40)
 
 
-@settings(max_examples=150, deadline=None)
-@given(network=st.one_of(child_networks(), sparse_child_networks()))
+@st.composite
+def clustered_child_networks(draw):
+    """Clusters of nearby entries far apart: a few wide gaps among many narrow ones (where gap16x is smallest)."""
+    clusters = draw(st.lists(st.tuples(st.integers(0, 2_000_000), st.integers(1, 50), st.integers(1, 40)),
+                             min_size=1, max_size=5))
+    chosen = sorted({start + step * i for start, count, step in clusters for i in range(count)})
+    return chosen[-1] + draw(st.integers(1, 70_000)), torch.tensor(chosen, dtype=torch.int64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(network=st.one_of(child_networks(), sparse_child_networks(), clustered_child_networks()))
 def test_decode_round_trips_every_encoding(network):
     numel, positions = network
     size = positions.numel()
     valid = valid_encodings(positions, numel)
     for encoding in valid:
         encoded = encode_positions(positions, numel, encoding)
+        recorded = recorded_length(positions, encoding)
         assert encoded.dtype == ENCODED_DTYPES[encoding]
-        assert encoded.numel() * encoded.element_size() == encoded_bytes(numel, size, encoding)
-        decoded = decode_positions(encoded, numel, size, encoding, "t")
+        assert encoded.numel() * encoded.element_size() == encoded_bytes(numel, size, encoding, recorded)
+        decoded = decode_positions(encoded, numel, size, encoding, "t", recorded)
         assert decoded.dtype == torch.int64 and torch.equal(decoded, positions), encoding
         # what an inference merge keeps for unmerge: the encoded tensor itself, expanded when unmerging
-        assert torch.equal(expand_positions(encoded), positions), encoding
+        assert torch.equal(expand_positions(encoded, size), positions), encoding
+    # a stream without wide gaps is gap16's, word for word
+    if "gap16" in valid:
+        assert torch.equal(encode_positions(positions, numel, "gap16x"), encode_positions(positions, numel, "gap16"))
     chosen = choose_encoding(positions, numel)
     assert chosen in valid
-    assert encoded_bytes(numel, size, chosen) == min(encoded_bytes(numel, size, name) for name in valid)
+    assert encoded_size(positions, numel, chosen) == min(encoded_size(positions, numel, name) for name in valid)
+    assert chosen != "gap16x" or "gap16" not in valid  # gap16x only where a gap is wide: old files' encodings kept
     # the placeholder a loader fills has the shape and dtype of the real encoding
-    holder = placeholder(numel, size, chosen)
+    holder = placeholder(numel, size, chosen, recorded=recorded_length(positions, chosen))
     real = encode_positions(positions, numel, chosen)
     assert holder.dtype == real.dtype and holder.shape == real.shape
 
@@ -374,15 +413,20 @@ def test_decoded_positions_are_int32_until_a_tensor_outgrows_it():
     assert index_dtype(2**31) == torch.int64
 
 
-def test_gap16_not_chosen_when_a_gap_exceeds_16_bits():
+def test_a_gap_over_16_bits_costs_a_zero_word_not_the_whole_tensor():
     positions = torch.tensor([0, 70_000, 70_001])
-    assert choose_encoding(positions, 400_000) == "int32"
-    assert decode_positions(encode_positions(positions, 400_000, "int32"), 400_000, 3, "int32", "t").tolist() == [
-        0, 70_000, 70_001]
-    # the largest gap that fits
-    positions = torch.tensor([GAP16_MAX - 1, 2 * GAP16_MAX - 1])
-    encoded = encode_positions(positions, 300_000, "gap16")
-    assert torch.equal(decode_positions(encoded, 300_000, 2, "gap16", "t"), positions)
+    assert choose_encoding(positions, 400_000) == "gap16x"
+    encoded = encode_positions(positions, 400_000, "gap16x")
+    # 70,000 = one skip of 65,535 + 4,465; 8 bytes where int32 takes 12
+    assert encoded.tolist() == [1, 0, 70_000 - GAP16_MAX, 1]
+    assert decode_positions(encoded, 400_000, 3, "gap16x", "t", 4).tolist() == [0, 70_000, 70_001]
+    # the widest gap one remainder holds, and the narrowest that needs a skip (whose remainder is 1)
+    positions = torch.tensor([GAP16_MAX - 1, 2 * GAP16_MAX - 1, 3 * GAP16_MAX])
+    assert encode_positions(positions, 300_000, "gap16x").tolist() == [GAP16_MAX, GAP16_MAX, 0, 1]
+    # gaps so wide that their skips cost more than int32 positions: int32
+    assert choose_encoding(torch.tensor([0, 300_000]), 400_000) == "int32"
+    # a dense child: the bitmap
+    assert choose_encoding(torch.arange(0, 400_000, 4), 400_000) == "bitmap"
 
 
 def test_bitmap_bit_order_is_little_endian():
@@ -397,10 +441,10 @@ def _corrupt(encoded: torch.Tensor, flips: list[tuple[int, int]]) -> torch.Tenso
     return raw.view(encoded.dtype)
 
 
-def _decode_is_safe(encoded: torch.Tensor, numel: int, size: int, encoding: str) -> bool:
+def _decode_is_safe(encoded: torch.Tensor, numel: int, size: int, encoding: str, recorded: Optional[int] = None) -> bool:
     """decode_positions either raises AdapterFormatError or returns a valid child network; True if it raised."""
     try:
-        positions = decode_positions(encoded, numel, size, encoding, "t")
+        positions = decode_positions(encoded, numel, size, encoding, "t", recorded)
     except AdapterFormatError:
         return True
     assert_valid_positions(positions, numel, size)
@@ -409,7 +453,7 @@ def _decode_is_safe(encoded: torch.Tensor, numel: int, size: int, encoding: str)
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    network=st.one_of(child_networks(max_numel=600, max_size=120), sparse_child_networks()),
+    network=st.one_of(child_networks(max_numel=600, max_size=120), sparse_child_networks(), clustered_child_networks()),
     encoding=st.sampled_from(ENCODINGS),
     flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=4),
 )
@@ -420,7 +464,7 @@ def test_corrupted_encoding_raises_or_decodes_to_a_valid_set(network, encoding, 
     encoded = encode_positions(positions, numel, encoding)
     if encoded.numel() == 0:
         return
-    _decode_is_safe(_corrupt(encoded, flips), numel, positions.numel(), encoding)
+    _decode_is_safe(_corrupt(encoded, flips), numel, positions.numel(), encoding, encoded.numel())
 
 
 @settings(max_examples=300, deadline=None)
@@ -428,13 +472,28 @@ def test_corrupted_encoding_raises_or_decodes_to_a_valid_set(network, encoding, 
 def test_arbitrary_bytes_raise_or_decode_to_a_valid_set(data, numel, size, encoding):
     """Any bytes of the declared shape, for any declared child size (even one larger than the tensor)."""
     length = (numel + 7) // 8 if encoding == "bitmap" else size
-    itemsize = {"bitmap": 1, "int32": 4, "gap16": 2}[encoding]
+    itemsize = ENCODED_DTYPES[encoding].itemsize
     raw = data.draw(st.binary(min_size=length * itemsize, max_size=length * itemsize))
     encoded = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(ENCODED_DTYPES[encoding]) if raw else (
         torch.empty(0, dtype=ENCODED_DTYPES[encoding]))
-    raised = _decode_is_safe(encoded, numel, size, encoding)
+    raised = _decode_is_safe(encoded, numel, size, encoding, length)
     if size > numel:
         assert raised, "more child entries than tensor entries cannot be a valid child network"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    numel=st.integers(1, 1_000_000),
+    size=st.integers(0, 40),
+    words=st.lists(st.one_of(st.just(0), st.integers(1, GAP16_MAX), st.just(GAP16_MAX)), max_size=60),
+    recorded_offset=st.sampled_from([0, 0, 0, -1, 1]),
+)
+def test_arbitrary_gap16x_streams_raise_or_decode_to_a_valid_set(numel, size, words, recorded_offset):
+    """Any 16-bit words, zero words often, for any declared size and a recorded length that may disagree."""
+    encoded = torch.tensor(words, dtype=torch.int32).to(torch.uint16)
+    raised = _decode_is_safe(encoded, numel, size, "gap16x", len(words) + recorded_offset)
+    if recorded_offset or sum(1 for word in words if word) != size or (words and not words[-1]):
+        assert raised, "a stream of the wrong length, count, or ending in a skip cannot decode"
 
 
 @settings(max_examples=100, deadline=None)
@@ -447,7 +506,7 @@ def test_wrong_declared_size_is_rejected(network, encoding, delta):
         return
     encoded = encode_positions(positions, numel, encoding)
     with pytest.raises(AdapterFormatError):
-        decode_positions(encoded, numel, size + delta, encoding, "t")
+        decode_positions(encoded, numel, size + delta, encoding, "t", encoded.numel())
 
 
 @pytest.mark.parametrize(
@@ -483,6 +542,26 @@ def test_decode_rejects_bad_positions(values, encoding, message):
     encoded = torch.tensor(values, dtype=ENCODED_DTYPES[encoding])
     with pytest.raises(AdapterFormatError, match=message):
         decode_positions(encoded, 16, 3, encoding, "t")
+
+
+@pytest.mark.parametrize(
+    "words, size, numel, recorded, message",
+    [
+        ([1, 0, 4465, 1], 3, 400_000, None, "records None"),  # no length recorded
+        ([1, 0, 4465, 1], 3, 400_000, 5, "uint16\\[5\\]"),  # the config's length is not the stream's
+        ([1, 0, 4465, 1], 3, 100_000, 5, "3 to 4 words"),  # a length no child of 3 in 100,000 entries can need
+        ([1, 0, 4465, 1], 3, 400_000, 2, "3 to 9 words"),  # shorter than one word per position
+        ([1, 0, 4465, 0], 3, 400_000, 4, "places 2 positions"),  # a remainder zeroed: a position lost
+        ([1, 0, 4465, 7, 0], 3, 400_000, 5, "ends in a zero word"),  # a skip with nothing after it (truncated)
+        ([1, 0, 0, 4465], 2, 135_000, 4, "out of range"),  # two skips carry it past the end
+        ([1, 0, 4465, 1], 3, 70_001, 4, "out of range"),  # the last position is the tensor's size
+    ],
+)
+def test_decode_rejects_bad_gap16x_streams(words, size, numel, recorded, message):
+    encoded = torch.tensor(words, dtype=torch.int32).to(torch.uint16)
+    with pytest.raises(AdapterFormatError, match=message) as caught:
+        decode_positions(encoded, numel, size, "gap16x", "the.tensor", recorded)
+    assert str(caught.value).startswith("the.tensor: ")
 
 
 def test_decode_rejects_bitmap_padding_bits_and_wrong_popcount():
@@ -532,13 +611,20 @@ FV, FP = file_key(TKEY, VALUES), file_key(TKEY, POSITIONS)
 HEAD = f"{SAVED_PREFIX}classifier.weight"
 
 
-def reencode(sd: dict, cfg: dict, encoding: str) -> torch.Tensor:
-    """Re-encode TKEY's positions (tensor and config together): a valid file in another encoding."""
-    size = cfg["child_sizes"][TKEY]
-    positions = decode_positions(sd[FP], TNUMEL, size, cfg["child_encodings"][TKEY], TKEY)
-    sd[FP] = encode_positions(positions, TNUMEL, encoding)
-    cfg["child_encodings"][TKEY] = encoding
-    return sd[FP]
+def reencode(sd: dict, cfg: dict, encoding: str, key: str = TKEY, numel: int = TNUMEL) -> torch.Tensor:
+    """Re-encode one tensor's positions (tensor and config together): a valid file in another encoding."""
+    positions_key = file_key(key, POSITIONS)
+    lengths = cfg.get("child_encoded_lengths") or {}
+    positions = decode_positions(
+        sd[positions_key], numel, cfg["child_sizes"][key], cfg["child_encodings"][key], key, lengths.get(key)
+    )
+    sd[positions_key] = encode_positions(positions, numel, encoding)
+    cfg["child_encodings"][key] = encoding
+    lengths = {name: length for name, length in lengths.items() if name != key}
+    if encoding == "gap16x":
+        lengths[key] = sd[positions_key].numel()
+    cfg["child_encoded_lengths"] = lengths or None
+    return sd[positions_key]
 
 
 def _set(sd, key, index, value):
