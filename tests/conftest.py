@@ -87,8 +87,9 @@ def wide_gap_positions() -> torch.Tensor:
 
 
 def give_wide_gaps(model: torch.nn.Module, encoding: str | None = None, adapter: str = "default") -> None:
-    """Make `wide_gap_positions` the child network of WIDE_GAP_KEY in a mode-"d" adapter of a `wide_bert` (the
-    smallest encoding, gap16x, unless `encoding` is given), recorded in the adapter's config."""
+    """Make `wide_gap_positions` the child network of WIDE_GAP_KEY in a Fisher mode-"d" adapter of a `wide_bert`,
+    once its Fisher pass chose the others (the smallest encoding, gap16x, unless `encoding` is given), recorded in
+    the adapter's config."""
     from peft_childtuning.model import record_child_network
 
     layer = next(layer for layer in child_layers(model).values() if layer.tensor_key("weight") == WIDE_GAP_KEY)

@@ -42,7 +42,20 @@ from peft_childtuning.sparse_format import (
     save_with_checksums,
 )
 
-from conftest import ARCHS, child_layers, peft_model, positions_of, tiny_bert, trainable_parameters
+from conftest import (
+    ARCHS,
+    WIDE_GAP_KEY,
+    WIDE_INTERMEDIATE,
+    child_layers,
+    give_wide_gaps,
+    peft_model,
+    positions_of,
+    tiny_bert,
+    train_steps,
+    trainable_parameters,
+    wide_bert,
+    wide_gap_positions,
+)
 
 BERT = ARCHS["bert"]
 SAVED_PREFIX = "base_model.model."
@@ -251,7 +264,8 @@ def test_mode_d_file_holds_positions_and_values_in_weight_dtype(bert_dirs, tmp_p
         positions = decode_positions(encoded, weight.numel(), size, encoding, tensor_key, recorded)
         assert torch.equal(positions, positions_of(layer)), tensor_key
         # the smallest encoding that can hold them
-        smallest = min(encoded_size(positions, weight.numel(), name) for name in valid_encodings(positions, weight.numel()))
+        numel = weight.numel()
+        smallest = min(encoded_size(positions, numel, name) for name in valid_encodings(positions, numel))
         assert encoded.numel() * encoded.element_size() == smallest, (tensor_key, encoding)
         assert encoded.numel() * encoded.element_size() <= min((weight.numel() + 7) // 8, 4 * size)
     # modules_to_save (the classifier) whole; nothing else: no base weights
@@ -441,7 +455,9 @@ def _corrupt(encoded: torch.Tensor, flips: list[tuple[int, int]]) -> torch.Tenso
     return raw.view(encoded.dtype)
 
 
-def _decode_is_safe(encoded: torch.Tensor, numel: int, size: int, encoding: str, recorded: Optional[int] = None) -> bool:
+def _decode_is_safe(
+    encoded: torch.Tensor, numel: int, size: int, encoding: str, recorded: Optional[int] = None
+) -> bool:
     """decode_positions either raises AdapterFormatError or returns a valid child network; True if it raised."""
     try:
         positions = decode_positions(encoded, numel, size, encoding, "t", recorded)
@@ -909,3 +925,193 @@ def test_rejected_file_leaves_the_base_model_working(bert_dirs, tmp_path, name, 
         f"the base model computes different outputs after a rejected adapter file "
         f"(max diff {(after - before).abs().max().item():.3g})"
     )
+
+
+# ------------------------------------------------------------------------------------------------ 6. wide gaps
+WKEY = WIDE_GAP_KEY
+WNUMEL = WIDE_INTERMEDIATE * 32
+WV, WP = file_key(WKEY, VALUES), file_key(WKEY, POSITIONS)
+
+
+def wide_adapter(base: torch.nn.Module, encoding: Optional[str] = None, out_dir: Optional[str] = None):
+    """A Fisher mode-"d" adapter of the wide BERT (reserve_p 0.01) whose WKEY child is then `wide_gap_positions`,
+    in `encoding` (the smallest, gap16x, by default), trained three AdamW steps."""
+    torch.manual_seed(0)
+    model = peft_model(base, mode="d", reserve_p=0.01, seed=3, task_type="SEQ_CLS")
+    model.detect_child_network(BERT.batches(2, seed=20), progress=False)
+    give_wide_gaps(model, encoding)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    train_steps(model, optimizer, BERT.batches(3, seed=21))
+    model.eval()
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+    return model
+
+
+@pytest.fixture(scope="module")
+def wide_dirs(bert_dirs):
+    """The wide BERT saved to disk, and the adapter with a few wide gaps (gap16x) and its int32 twin."""
+    root = bert_dirs["root"]
+    base_dir = str(root / "wide_base")
+    wide_bert(seed=0).save_pretrained(base_dir)
+    dirs = {"base": base_dir, "gap16x": str(root / "wide_gap16x"), "int32": str(root / "wide_int32")}
+    expected = {}
+    for encoding in ("gap16x", "int32"):
+        model = wide_adapter(load_base(base_dir), None if encoding == "gap16x" else encoding, dirs[encoding])
+        with torch.no_grad():
+            expected[encoding] = model(**bert_dirs["batch"]).logits
+    assert torch.equal(expected["gap16x"], expected["int32"])
+    return {**dirs, "batch": bert_dirs["batch"], "expected": expected["gap16x"]}
+
+
+def test_wide_gaps_cost_words_not_the_whole_tensor(wide_dirs):
+    """A tensor whose child has three gaps over 16 bits is stored as 16-bit gaps with three zero words: half its
+    int32 size (before, one wide gap turned the whole tensor into int32), and the file smaller by as much."""
+    with open(os.path.join(wide_dirs["gap16x"], "adapter_config.json")) as handle:
+        config = json.load(handle)
+    positions = wide_gap_positions()
+    size = positions.numel()
+    assert config["child_encodings"][WKEY] == "gap16x"
+    assert config["child_encoded_lengths"] == {WKEY: size + 3}  # only the variable-length encoding records one
+    saved = load_file(os.path.join(wide_dirs["gap16x"], "adapter_model.safetensors"))
+    twin = load_file(os.path.join(wide_dirs["int32"], "adapter_model.safetensors"))
+    assert saved[WP].dtype == torch.uint16 and saved[WP].numel() == size + 3 == gap16x_length(positions)
+    gap16x_bytes, int32_bytes = 2 * (size + 3), 4 * size
+    assert twin[WP].numel() * 4 == int32_bytes and gap16x_bytes < int32_bytes < (WNUMEL + 7) // 8
+    sizes = {name: os.path.getsize(os.path.join(wide_dirs[name], "adapter_model.safetensors"))
+             for name in ("gap16x", "int32")}
+    # the same tensors otherwise; the header's dtype names and checksums differ by a few bytes at most
+    assert abs((sizes["int32"] - sizes["gap16x"]) - (int32_bytes - gap16x_bytes)) <= 16, sizes
+    print(f"\n[gap16x] {size} child entries in {WNUMEL} with 3 wide gaps: positions {gap16x_bytes} B as gap16x, "
+          f"{int32_bytes} B as int32, {(WNUMEL + 7) // 8} B as a bitmap; files {sizes['gap16x']} / {sizes['int32']} B")
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "low_cpu_mem_usage", "load_adapter", "transformers"])
+def test_wide_gaps_load_bit_identically_with_every_loader(wide_dirs, loader):
+    base = load_base(wide_dirs["base"])
+    if loader == "from_pretrained":
+        model = PeftModel.from_pretrained(base, wide_dirs["gap16x"])
+    elif loader == "low_cpu_mem_usage":
+        model = PeftModel.from_pretrained(base, wide_dirs["gap16x"], low_cpu_mem_usage=True)
+    elif loader == "load_adapter":  # beside an adapter already loaded and merged, then switched to
+        model = PeftModel.from_pretrained(base, wide_dirs["int32"])
+        model.load_adapter(wide_dirs["gap16x"], adapter_name="wide")
+        model.set_adapter("wide")
+    else:
+        base.load_adapter(wide_dirs["gap16x"])
+        model = base
+    with torch.no_grad():
+        assert torch.equal(model(**wide_dirs["batch"]).logits, wide_dirs["expected"])
+    layer = next(layer for layer in child_layers(model).values() if layer.tensor_key("weight") == WKEY)
+    adapter = "wide" if loader == "load_adapter" else "default"
+    assert torch.equal(positions_of(layer, adapter).long(), wide_gap_positions())
+
+
+def test_wide_gaps_train_exactly_as_int32_positions(wide_dirs):
+    """Forward and backward with gap16x positions (expanded from the stream the layer holds, nothing else) are those
+    with int32 positions: the same values and outputs, bit for bit, after training."""
+    models = {encoding: wide_adapter(load_base(wide_dirs["base"]), encoding) for encoding in ("gap16x", "int32")}
+    layers = {name: next(layer for layer in child_layers(model).values() if layer.tensor_key("weight") == WKEY)
+              for name, model in models.items()}
+    assert layers["gap16x"].childtuning_spec["default"].encodings["weight"] == "gap16x"
+    # what the layer holds for training forwards is the encoded stream itself: about 2 bytes per child entry
+    held = layers["gap16x"]._held_positions("default", "weight")
+    assert held is layers["gap16x"].childtuning_positions["default"] and held.dtype == torch.uint16
+    trained = {name: trainable_parameters(model) for name, model in models.items()}
+    assert len(trained["gap16x"]) == len(trained["int32"])
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(trained["gap16x"], trained["int32"]))
+    with torch.no_grad():
+        assert torch.equal(models["gap16x"](**wide_dirs["batch"]).logits, models["int32"](**wide_dirs["batch"]).logits)
+
+
+def _wide_stream(edit: Callable[[torch.Tensor], torch.Tensor], record: bool = False):
+    """Edit WKEY's gap16x stream; `record`: and its length in the config, so that only the stream's own checks
+    can catch it."""
+    def apply(sd, cfg):
+        sd[WP] = edit(sd[WP].to(torch.int32)).to(torch.uint16)
+        if record:
+            cfg["child_encoded_lengths"][WKEY] = sd[WP].numel()
+    return apply
+
+
+def _first_skip(stream: torch.Tensor) -> int:
+    return int((stream == 0).nonzero()[0])
+
+
+def _wide_lengths(edit: Callable[[dict], None]):
+    def apply(sd, cfg):
+        edit(cfg.setdefault("child_encoded_lengths", {}) if cfg.get("child_encoded_lengths") is not None else cfg)
+    return apply
+
+
+WIDE_BAD_FILES = [
+    BadFile("stream_remainder_zeroed", _wide_stream(lambda s: s.index_fill(0, torch.tensor([_first_skip(s) + 1]), 0)),
+            match="places"),
+    BadFile("stream_skip_dropped", _wide_stream(lambda s: torch.cat([s[:_first_skip(s)], s[_first_skip(s) + 1:]])),
+            match="child_encoded_lengths records"),
+    BadFile("stream_skip_added", _wide_stream(lambda s: torch.cat([s[:1], torch.zeros(1, dtype=s.dtype), s[1:]])),
+            match="child_encoded_lengths records"),
+    BadFile("stream_ends_in_a_skip",  # a skip moved to the end: as many words and positions, the last one lost
+            _wide_stream(lambda s: torch.cat([s[:_first_skip(s)], s[_first_skip(s) + 1:], s[_first_skip(s):][:1]])),
+            match="ends in a zero word"),
+    BadFile("stream_past_the_end", _wide_stream(lambda s: s.index_fill(0, torch.tensor([s.numel() - 1]), GAP16_MAX)),
+            match="out of range"),
+    BadFile("stream_longer_than_any_child", _wide_stream(lambda s: torch.cat([torch.zeros(1, dtype=s.dtype), s]),
+                                                         record=True), match="256 to 259 words"),
+    BadFile("config_length_plus_one", _wide_lengths(lambda lengths: lengths.__setitem__(WKEY, lengths[WKEY] + 1)),
+            match="child_encoded_lengths records"),
+    BadFile("config_length_minus_one", _wide_lengths(lambda lengths: lengths.__setitem__(WKEY, lengths[WKEY] - 1)),
+            match="child_encoded_lengths records"),
+    BadFile("config_length_huge", _wide_lengths(lambda lengths: lengths.__setitem__(WKEY, 10**12)),
+            match="child_encoded_lengths records"),
+    BadFile("config_length_missing", _wide_lengths(lambda lengths: lengths.pop(WKEY)), names_tensor=False,
+            match="child_encoded_lengths"),
+    BadFile("config_encoding_int32", lambda sd, cfg: cfg["child_encodings"].__setitem__(WKEY, "int32"),
+            names_tensor=False, match="child_encoded_lengths"),
+    BadFile("stream_as_int16", lambda sd, cfg: sd.update({WP: sd[WP].view(torch.int16)})),
+]
+WIDE_BAD_BY_NAME = {bad.name: bad for bad in WIDE_BAD_FILES}
+
+
+def check_wide_error(bad: BadFile, error: BaseException) -> None:
+    message = str(error)
+    assert isinstance(error, AdapterFormatError) and "(the model was left unchanged)" in message, message
+    if bad.match is not None:
+        assert re.search(bad.match, message), f"{bad.name}: unclear message {message!r}"
+    if bad.names_tensor:
+        assert WKEY.removesuffix(".weight") in message, f"{bad.name}: the message does not name the tensor: {message!r}"
+
+
+@pytest.mark.parametrize("bad", WIDE_BAD_FILES, ids=[bad.name for bad in WIDE_BAD_FILES])
+def test_bad_wide_gap_file_refused_and_base_untouched(wide_dirs, tmp_path, bad):
+    path = craft({"d": wide_dirs["gap16x"]}, bad, str(tmp_path / bad.name))
+    base = load_base(wide_dirs["base"])
+    saved = snapshot(base)
+    with pytest.raises(AdapterFormatError) as caught:
+        PeftModel.from_pretrained(base, path)
+    check_wide_error(bad, caught.value)
+    assert_untouched(saved)
+
+
+@pytest.mark.parametrize("name", ["stream_remainder_zeroed", "stream_skip_dropped", "config_length_plus_one"])
+@pytest.mark.parametrize("loader", ["low_cpu_mem_usage", "load_adapter", "transformers"])
+def test_bad_wide_gap_file_refused_by_every_loader(wide_dirs, tmp_path, name, loader):
+    bad = WIDE_BAD_BY_NAME[name]
+    path = craft({"d": wide_dirs["gap16x"]}, bad, str(tmp_path / name))
+    if loader == "load_adapter":
+        model = PeftModel.from_pretrained(load_base(wide_dirs["base"]), wide_dirs["gap16x"])  # merged at load
+    else:
+        model = load_base(wide_dirs["base"])
+    saved = snapshot(model)
+    with pytest.raises(AdapterFormatError) as caught:
+        if loader == "low_cpu_mem_usage":
+            PeftModel.from_pretrained(model, path, low_cpu_mem_usage=True)
+        elif loader == "load_adapter":
+            model.load_adapter(path, adapter_name="bad")
+        else:
+            model.load_adapter(path)
+    check_wide_error(bad, caught.value)
+    assert_untouched(saved)
+    if loader == "load_adapter":
+        with torch.no_grad():
+            assert torch.equal(model(**wide_dirs["batch"]).logits, wide_dirs["expected"])
