@@ -243,6 +243,12 @@ ARCHS: dict[str, TinyArch] = {
 }
 
 
+# not among ARCHS (the tests run over those): the tiny BERT with a wide feed-forward block, for gaps over 16 bits
+WIDE_BERT = TinyArch(
+    "bertwide", wide_bert, "SEQ_CLS", _classification_batch, torch.nn.Linear, ("bert.pooler.dense", "classifier"), 12
+)
+
+
 @pytest.fixture(params=list(ARCHS), ids=list(ARCHS))
 def tiny_models(request: pytest.FixtureRequest) -> TinyArch:
     """Parametrises a test over the tiny BERT, RoBERTa, GPT-2, Llama and T5 architectures."""

@@ -31,7 +31,7 @@ import fault_injection_cases as fic
 
 DEFAULT_EXAMPLES = 2000
 EXAMPLES = int(os.environ.get("CT_FAULT_EXAMPLES", DEFAULT_EXAMPLES))
-SHARES = {"bert_d": 0.5, "bert_f": 0.25, "gpt2_d": 0.25}  # of the examples, per source
+SHARES = {"bert_d": 0.4, "bert_f": 0.2, "gpt2_d": 0.2, "bertwide_d": 0.2}  # of the examples, per source
 SOURCES = tuple(SHARES)
 
 
