@@ -1007,6 +1007,21 @@ def test_wide_gaps_load_bit_identically_with_every_loader(wide_dirs, loader):
     assert torch.equal(positions_of(layer, adapter).long(), wide_gap_positions())
 
 
+def test_an_adapter_awaiting_its_fisher_pass_adopts_a_gap16x_checkpoint(wide_dirs, tmp_path):
+    """A Trainer resuming loads its checkpoint into an adapter without a child network: the stream is adopted as it
+    is (told from gap16 by its length), its length recorded, and the adapter saves the same file again."""
+    model = peft_model(load_base(wide_dirs["base"]), mode="d", reserve_p=0.01, seed=3, task_type="SEQ_CLS")
+    model.load_adapter(wide_dirs["gap16x"], adapter_name="default", is_trainable=True)
+    config = model.peft_config["default"]
+    assert config.child_encodings[WKEY] == "gap16x" and config.child_encoded_lengths == {WKEY: 259}
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**wide_dirs["batch"]).logits, wide_dirs["expected"])
+    model.save_pretrained(str(tmp_path))
+    assert load_file(os.path.join(tmp_path, "adapter_model.safetensors"))[WP].tolist() == load_file(
+        os.path.join(wide_dirs["gap16x"], "adapter_model.safetensors"))[WP].tolist()
+
+
 def test_wide_gaps_train_exactly_as_int32_positions(wide_dirs):
     """Forward and backward with gap16x positions (expanded from the stream the layer holds, nothing else) are those
     with int32 positions: the same values and outputs, bit for bit, after training."""
