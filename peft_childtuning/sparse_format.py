@@ -7,11 +7,14 @@ whichever encoding is smallest for that tensor:
 - ``"int32"``: the sorted flat positions, int32[k];
 - ``"gap16"``: the gaps between successive sorted positions (the first one counted from -1), uint16[k], when every
   gap fits in 16 bits;
-- ``"gap16x"``: the same gaps where some do not fit, as a uint16 stream: a 0 word (never a gap: it would repeat a
-  position) advances 65,535 entries and places nothing, so a gap g is written as (g - 1) // 65535 zero words and
-  then its remainder, 1 to 65,535. A wide gap costs a few words instead of turning the whole tensor into int32, and
-  the stream decodes with a prefix sum on the device (no sequential parse, as an escape followed by a 32-bit gap
-  would need). Its length varies, so the config records it (``child_encoded_lengths``).
+- ``"gap16x"``: the same gaps where some do not fit, uint16[k + 3w] for w wide gaps: first each gap g as its
+  remainder g - 65535 c, 1 to 65,535, where c = (g - 1) // 65535 (0 for a gap that fits); then, for each wide gap
+  in order, the triple (its index // 65536, its index % 65536, c). A wide gap costs three words instead of turning
+  the whole tensor into int32, and the stream decodes on the device with static shapes (a scatter-add of the few
+  triples, then gap16's prefix sum): no sequential parse, as escapes inline in the gaps would need, and no
+  compaction (inline zero words dropped by `nonzero_static`, measured on CPU for 1M positions with 10 wide gaps:
+  16 ms per expansion, against 1.6 ms this way and 1.0 ms for gap16). Its length varies, so the config records it
+  (``child_encoded_lengths``).
 
 The layers hold positions in this encoded form too, so a checkpoint's tensors have the shapes the layers already
 have (from the config's ``child_sizes``, ``child_encodings`` and ``child_encoded_lengths``) and every loader,
@@ -37,7 +40,7 @@ ENCODINGS = ("bitmap", "int32", "gap16", "gap16x")
 # encodings whose length depends on the positions, not only on the tensor's and child's sizes: recorded in the config
 VARIABLE_LENGTH_ENCODINGS = ("gap16x",)
 _ENCODING_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16, "gap16x": torch.uint16}
-_GAP16_MAX = (1 << 16) - 1  # the widest 16-bit gap, and how far a gap16x zero word advances
+_GAP16_MAX = (1 << 16) - 1  # the widest 16-bit gap, and what a gap16x wide gap's count multiplies
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 # `flat_nonzero` takes numpy's path on CPU; tests turn this off to check the torch path that runs on accelerators
 _NUMPY_ON_CPU = True  # bit i of a bitmap byte marks its entry i (little-endian)
@@ -59,15 +62,15 @@ def encoded_length(
     """The number of elements of the encoded positions of `size` child entries in a tensor of `numel`.
 
     A gap16x stream's length is `recorded` (the config's ``child_encoded_lengths``), checked against what such a
-    child can need (its size, plus one zero word per 65,535 entries skipped), before a few bytes of JSON allocate
-    gigabytes.
+    child can need (its size, plus three words per wide gap, each of which spans over 65,535 entries), before a few
+    bytes of JSON allocate gigabytes.
     """
     if encoding == "bitmap":
         return (numel + 7) // 8
     if encoding in ("int32", "gap16"):
         return size
     if encoding == "gap16x":
-        most = size + max(numel - size, 0) // _GAP16_MAX
+        most = size + 3 * min(size, max(numel - size, 0) // _GAP16_MAX)
         if type(recorded) is not int or not size <= recorded <= most:
             raise AdapterFormatError(
                 f"{name}: a gap16x stream of {size} positions in a tensor of {numel} entries has {size} to {most} "
@@ -88,8 +91,8 @@ def placeholder(
     """An encoded-positions tensor of the right shape and dtype, to be filled by a loader (`recorded`: a gap16x
     stream's length, see `encoded_length`).
 
-    Unless the child is empty it does not decode (no bit set, position -1, zero gaps, a stream of zero words), so a
-    loader that skips it is caught at first use.
+    Unless the child is empty it does not decode (no bit set, position -1, zero gaps), so a loader that skips it is
+    caught at first use.
     """
     length = encoded_length(numel, size, encoding, recorded)
     if encoding == "int32":
@@ -100,14 +103,16 @@ def placeholder(
 def choose_encoding(positions: torch.Tensor, numel: int) -> str:
     """The smallest encoding of these sorted positions (ties favour the bitmap, then int32).
 
-    Gaps are written as gap16 where all fit in 16 bits, else as gap16x (whose length, the size plus a zero word per
-    65,535 entries skipped, is then `encoded_bytes`' `recorded`).
+    Gaps are written as gap16 where all fit in 16 bits, else as gap16x (three more words per wide gap), unless a gap
+    spans more than 65,535 x 65,536 entries.
     """
     size = positions.numel()
     candidates = {encoding: encoded_bytes(numel, size, encoding) for encoding in ("bitmap", "int32")}
     if size:
-        skips = int(_skip_words(_gaps(positions.long())).sum())
-        candidates["gap16x" if skips else "gap16"] = 2 * (size + skips)
+        counts = _wide_counts(_gaps(positions.long()))
+        wide, widest = (int(value) for value in torch.stack([counts.count_nonzero(), counts.max()]).tolist())
+        if widest <= _GAP16_MAX:
+            candidates["gap16x" if wide else "gap16"] = 2 * (size + 3 * wide)
     return min(candidates, key=candidates.__getitem__)
 
 
@@ -115,14 +120,14 @@ def _gaps(positions: torch.Tensor) -> torch.Tensor:
     return torch.diff(positions, prepend=positions.new_full((1,), -1))
 
 
-def _skip_words(gaps: torch.Tensor) -> torch.Tensor:
-    """How many gap16x zero words precede each gap's remainder."""
+def _wide_counts(gaps: torch.Tensor) -> torch.Tensor:
+    """How many times 65,535 each gap holds beyond its 16-bit remainder (1 to 65,535): 0 for a gap that fits."""
     return torch.div(gaps - 1, _GAP16_MAX, rounding_mode="floor")
 
 
 def encoding_of(encoded: torch.Tensor, size: int) -> str:
     """The encoding of the encoded positions of `size` child entries, told by its dtype, and for 16-bit words by
-    its length: a stream longer than the child has gap16x's zero words (one as long is gap16, with or without)."""
+    its length: a stream longer than the child has gap16x's wide gaps (one as long is gap16, with or without)."""
     if encoded.dtype == torch.uint16:
         return "gap16" if encoded.numel() == size else "gap16x"
     for encoding, dtype in _ENCODING_DTYPES.items():
@@ -152,18 +157,13 @@ def encode_positions(positions: torch.Tensor, numel: int, encoding: str) -> torc
 
 
 def _gap_stream(positions: torch.Tensor) -> torch.Tensor:
-    """The gap16x stream of sorted int64 positions, on their device: each gap's remainder after its zero words
-    (as gap16's gaps where no gap is wide). Its length is known only here: one sync."""
+    """The gap16x stream of sorted int64 positions, on their device: the gaps' 16-bit remainders, then a triple
+    (index high, index low, count) per wide gap (gap16's gaps where no gap is wide). Finding the wide gaps syncs."""
     gaps = _gaps(positions)
-    skips = _skip_words(gaps)
-    remainders = gaps.sub_(skips * _GAP16_MAX)
-    skipped = int(skips.sum())
-    if not skipped:
-        return remainders.to(torch.uint16)
-    # built in int32: index_copy_ has no 16-bit unsigned kernel
-    stream = torch.zeros(positions.numel() + skipped, dtype=torch.int32, device=positions.device)
-    where = skips.cumsum_(0).add_(torch.arange(positions.numel(), device=positions.device))
-    return stream.index_copy_(0, where, remainders.to(torch.int32)).to(torch.uint16)
+    counts = _wide_counts(gaps)
+    wide = flat_nonzero(counts > 0)
+    table = torch.stack([wide >> 16, wide & _GAP16_MAX, counts.index_select(0, wide)], 1)
+    return torch.cat([gaps.sub_(counts * _GAP16_MAX), table.reshape(-1)]).to(torch.uint16)
 
 
 def _unpack_bits(encoded: torch.Tensor) -> torch.Tensor:
@@ -205,18 +205,10 @@ def decode_positions(
     if encoding == "int32":
         positions = encoded.long()
     else:
-        placed = int(torch.count_nonzero(encoded.to(torch.int32)))  # no 16-bit unsigned kernel
-        if placed != size and encoding == "gap16":
+        words = encoded.to(torch.int64)
+        if size and bool((words[:size] == 0).any()):
             raise AdapterFormatError(f"{name}: a zero gap encodes a duplicated position.")
-        if placed != size:
-            raise AdapterFormatError(
-                f"{name}: the gap16x stream places {placed} positions, the config says the child has {size}."
-            )
-        if encoded.numel() and int(encoded[-1]) == 0:
-            raise AdapterFormatError(
-                f"{name}: the gap16x stream ends in a zero word, which skips entries but places no position "
-                "(truncated?)."
-            )
+        _check_wide_gaps(words[size:], size, name)
         positions = expand_positions(encoded, size)
     if size:
         if int(positions[0]) < 0 or int(positions[-1]) >= numel:
@@ -224,6 +216,26 @@ def decode_positions(
         if size > 1 and not bool((positions[1:] > positions[:-1]).all()):
             raise AdapterFormatError(f"{name}: positions are not sorted and distinct (unsorted or duplicated).")
     return positions
+
+
+def _check_wide_gaps(table: torch.Tensor, size: int, name: str) -> None:
+    """Refuse a gap16x table of wide gaps (int64 words after the gaps) that is not whole triples, in order, of
+    gaps there are, each at least 65,535 wider than its remainder."""
+    if table.numel() % 3:
+        raise AdapterFormatError(
+            f"{name}: the gap16x stream ends inside a wide gap's three words (truncated escape); the file does not "
+            "match its adapter_config.json."
+        )
+    if not table.numel():
+        return
+    table = table.view(-1, 3)
+    indices = table[:, 0] * (_GAP16_MAX + 1) + table[:, 1]
+    if bool((table[:, 2] == 0).any()):
+        raise AdapterFormatError(f"{name}: a gap16x wide gap of count 0 (it would not be wide).")
+    if int(indices[-1]) >= size or not bool((indices[1:] > indices[:-1]).all()):
+        raise AdapterFormatError(
+            f"{name}: the gap16x wide gaps name gaps out of order, twice, or beyond the child's {size}."
+        )
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -249,8 +261,8 @@ def held_positions(encoded: torch.Tensor, positions: torch.Tensor, encoding: str
 
     int32 positions and 16-bit gaps serve as they are: the encoded tensor itself, nothing held twice. A bitmap
     (chosen only where it is smaller than the gaps) is kept with its gap16x stream: a bitmap is smallest only for
-    at least one child entry in 32, so the stream's zero words (one per 65,535 entries) add under 0.1% to its 2
-    bytes per child entry, beyond the encoding the checkpoint needs. Its length is counted once, here (on a GPU
+    at least one child entry in 32, so the stream's wide gaps (one per 65,535 entries at most) add under 0.1% to its
+    2 bytes per child entry, beyond the encoding the checkpoint needs. Its wide gaps are found once, here (on a GPU
     that syncs once, at decoding, never per step).
     """
     if encoding != "bitmap":
@@ -260,17 +272,15 @@ def held_positions(encoded: torch.Tensor, positions: torch.Tensor, encoding: str
 
 def expand_positions(held: torch.Tensor, size: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """The `size` sorted flat positions of `dtype` from what `held_positions` kept, or from a checked encoded
-    tensor, on its device, with no host sync: a prefix sum for 16-bit gaps (the first counted from -1), in which a
-    gap16x stream's zero words (a stream longer than `size`) advance 65,535 entries and are then dropped, by
-    nonzero_static of the known size; a bitmap's set bits (an inference merge keeps the bitmap for `unmerge`:
-    decoding it there is rare, holding gaps beside it is not)."""
+    tensor, on its device, with no host sync: a prefix sum for 16-bit gaps (the first counted from -1), after a
+    gap16x stream's wide gaps (the triples after its `size` gaps) are added to theirs; a bitmap's set bits (an
+    inference merge keeps the bitmap for `unmerge`: decoding it there is rare, holding gaps beside it is not)."""
     if held.dtype == torch.uint16:
         words = held.to(torch.int64)
-        if held.numel() == size:
-            return words.cumsum_(0).sub_(1).to(dtype)
-        placed = words != 0
-        ends = words.masked_fill_(~placed, _GAP16_MAX).cumsum_(0).sub_(1)
-        return ends.index_select(0, torch.nonzero_static(placed, size=size).squeeze(1)).to(dtype)
+        gaps, table = words[:size], words[size:].view(-1, 3)
+        if table.numel():
+            gaps = gaps.index_add(0, table[:, 0] * (_GAP16_MAX + 1) + table[:, 1], table[:, 2] * _GAP16_MAX)
+        return gaps.cumsum_(0).sub_(1).to(dtype)
     if held.dtype == torch.uint8:
         return flat_nonzero(_unpack_bits(held)).to(dtype)
     return held.to(dtype)

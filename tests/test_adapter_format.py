@@ -133,9 +133,9 @@ def valid_encodings(positions: torch.Tensor, numel: int) -> list[str]:
 
 
 def gap16x_length(positions: torch.Tensor) -> int:
-    """The words of a gap16x stream, counted apart from the encoder: one per position, and a zero word per 65,535
-    entries that a gap skips before its last 1 to 65,535."""
-    return positions.numel() + int(((gaps_of(positions) - 1) // GAP16_MAX).sum())
+    """The words of a gap16x stream, counted apart from the encoder: one per position, and three per gap wider than
+    16 bits."""
+    return positions.numel() + 3 * int((gaps_of(positions) > GAP16_MAX).sum())
 
 
 def recorded_length(positions: torch.Tensor, encoding: str) -> Optional[int]:
@@ -427,17 +427,22 @@ def test_decoded_positions_are_int32_until_a_tensor_outgrows_it():
     assert index_dtype(2**31) == torch.int64
 
 
-def test_a_gap_over_16_bits_costs_a_zero_word_not_the_whole_tensor():
-    positions = torch.tensor([0, 70_000, 70_001])
+def test_a_gap_over_16_bits_costs_three_words_not_the_whole_tensor():
+    positions = torch.tensor([0, 70_000, 70_001, 70_002])
     assert choose_encoding(positions, 400_000) == "gap16x"
     encoded = encode_positions(positions, 400_000, "gap16x")
-    # 70,000 = one skip of 65,535 + 4,465; 8 bytes where int32 takes 12
-    assert encoded.tolist() == [1, 0, 70_000 - GAP16_MAX, 1]
-    assert decode_positions(encoded, 400_000, 3, "gap16x", "t", 4).tolist() == [0, 70_000, 70_001]
-    # the widest gap one remainder holds, and the narrowest that needs a skip (whose remainder is 1)
+    # gap 1 (70,000) = 4,465 + 1 x 65,535: its remainder in place, then (index 1 // 65536, 1 % 65536, count 1);
+    # 14 bytes where int32 takes 16
+    assert encoded.tolist() == [1, 70_000 - GAP16_MAX, 1, 1, 0, 1, 1]
+    assert decode_positions(encoded, 400_000, 4, "gap16x", "t", 7).tolist() == [0, 70_000, 70_001, 70_002]
+    # the widest gap a remainder holds alone, the narrowest that is wide (remainder 1), a wide gap past index 65,535
     positions = torch.tensor([GAP16_MAX - 1, 2 * GAP16_MAX - 1, 3 * GAP16_MAX])
-    assert encode_positions(positions, 300_000, "gap16x").tolist() == [GAP16_MAX, GAP16_MAX, 0, 1]
-    # gaps so wide that their skips cost more than int32 positions: int32
+    assert encode_positions(positions, 300_000, "gap16x").tolist() == [GAP16_MAX, GAP16_MAX, 1, 0, 2, 1]
+    positions = torch.cat([torch.arange(70_000), torch.tensor([70_000 + 5 * GAP16_MAX])])
+    encoded = encode_positions(positions, 500_000, "gap16x")
+    assert encoded[-3:].tolist() == [1, 70_000 - (1 << 16), 5] and encoded[70_000] == 1
+    assert torch.equal(decode_positions(encoded, 500_000, 70_001, "gap16x", "t", 70_004), positions)
+    # one wide gap among two positions costs more than int32 positions: int32
     assert choose_encoding(torch.tensor([0, 300_000]), 400_000) == "int32"
     # a dense child: the bitmap
     assert choose_encoding(torch.arange(0, 400_000, 4), 400_000) == "bitmap"
@@ -505,11 +510,11 @@ def test_arbitrary_bytes_raise_or_decode_to_a_valid_set(data, numel, size, encod
     recorded_offset=st.sampled_from([0, 0, 0, -1, 1]),
 )
 def test_arbitrary_gap16x_streams_raise_or_decode_to_a_valid_set(numel, size, words, recorded_offset):
-    """Any 16-bit words, zero words often, for any declared size and a recorded length that may disagree."""
+    """Any 16-bit words, zeros often, for any declared size and a recorded length that may disagree."""
     encoded = torch.tensor(words, dtype=torch.int32).to(torch.uint16)
     raised = _decode_is_safe(encoded, numel, size, "gap16x", len(words) + recorded_offset)
-    if recorded_offset or sum(1 for word in words if word) != size or (words and not words[-1]):
-        assert raised, "a stream of the wrong length, count, or ending in a skip cannot decode"
+    if recorded_offset or len(words) < size or (len(words) - size) % 3 or 0 in words[:size]:
+        assert raised, "a stream of the wrong length, with a zero gap, or a wide gap cut short cannot decode"
 
 
 @settings(max_examples=100, deadline=None)
@@ -560,23 +565,30 @@ def test_decode_rejects_bad_positions(values, encoding, message):
         decode_positions(encoded, 16, 3, encoding, "t")
 
 
+VALID_GAP16X = [1, 70_000 - GAP16_MAX, 1, 1, 0, 1, 1]  # [0, 70_000, 70_001, 70_002]
+
+
 @pytest.mark.parametrize(
-    "words, size, numel, recorded, message",
+    "words, numel, recorded, message",
     [
-        ([1, 0, 4465, 1], 3, 400_000, None, "records None"),  # no length recorded
-        ([1, 0, 4465, 1], 3, 400_000, 5, "uint16\\[5\\]"),  # the config's length is not the stream's
-        ([1, 0, 4465, 1], 3, 100_000, 5, "3 to 4 words"),  # a length no child of 3 in 100,000 entries can need
-        ([1, 0, 4465, 1], 3, 400_000, 2, "3 to 9 words"),  # shorter than one word per position
-        ([1, 0, 4465, 0], 3, 400_000, 4, "places 2 positions"),  # a remainder zeroed: a position lost
-        ([1, 0, 4465, 7, 0], 3, 400_000, 5, "ends in a zero word"),  # a skip with nothing after it (truncated)
-        ([1, 0, 0, 4465], 2, 135_000, 4, "out of range"),  # two skips carry it past the end
-        ([1, 0, 4465, 1], 3, 70_001, 4, "out of range"),  # the last position is the tensor's size
+        (VALID_GAP16X, 400_000, None, "records None"),  # no length recorded
+        (VALID_GAP16X, 400_000, 10, "uint16\\[10\\]"),  # the config's length is not the stream's
+        (VALID_GAP16X, 100_000, 10, "4 to 7 words"),  # a length no child of 4 in 100,000 entries can need
+        (VALID_GAP16X, 400_000, 3, "4 to 16 words"),  # shorter than one word per position
+        ([1, 0, 1, 1, 0, 1, 1], 400_000, 7, "duplicated"),  # a zero gap
+        ([1, 4465, 1, 1, 0, 1], 400_000, 6, "truncated escape"),  # a wide gap's triple cut short
+        ([1, 4465, 1, 1, 0, 1, 0], 400_000, 7, "count 0"),  # a zero wide gap
+        ([1, 4465, 1, 1, 0, 4, 1], 400_000, 7, "beyond"),  # a wide gap past the last gap
+        ([1, 4465, 1, 1, 0, 1, 1, 0, 1, 1], 400_000, 10, "twice"),  # one gap made wide twice
+        ([1, 4465, 1, 1, 0, 2, 1, 0, 1, 1], 400_000, 10, "out of order"),  # wide gaps unsorted
+        ([1, 4465, 1, 1, 0, 1, 2], 135_000, 7, "out of range"),  # a count carrying it past the end
+        (VALID_GAP16X, 70_002, 7, "out of range"),  # the last position is the tensor's size
     ],
 )
-def test_decode_rejects_bad_gap16x_streams(words, size, numel, recorded, message):
+def test_decode_rejects_bad_gap16x_streams(words, numel, recorded, message):
     encoded = torch.tensor(words, dtype=torch.int32).to(torch.uint16)
     with pytest.raises(AdapterFormatError, match=message) as caught:
-        decode_positions(encoded, numel, size, "gap16x", "the.tensor", recorded)
+        decode_positions(encoded, numel, 4, "gap16x", "the.tensor", recorded)
     assert str(caught.value).startswith("the.tensor: ")
 
 
@@ -931,6 +943,7 @@ def test_rejected_file_leaves_the_base_model_working(bert_dirs, tmp_path, name, 
 WKEY = WIDE_GAP_KEY
 WNUMEL = WIDE_INTERMEDIATE * 32
 WV, WP = file_key(WKEY, VALUES), file_key(WKEY, POSITIONS)
+WSIZE, WWORDS = 256, 256 + 3 * 3  # wide_gap_positions: 256 entries, three wide gaps (a triple each)
 
 
 def wide_adapter(base: torch.nn.Module, encoding: Optional[str] = None, out_dir: Optional[str] = None):
@@ -965,18 +978,18 @@ def wide_dirs(bert_dirs):
 
 
 def test_wide_gaps_cost_words_not_the_whole_tensor(wide_dirs):
-    """A tensor whose child has three gaps over 16 bits is stored as 16-bit gaps with three zero words: half its
+    """A tensor whose child has three gaps over 16 bits is stored as 16-bit gaps and three triples: about half its
     int32 size (before, one wide gap turned the whole tensor into int32), and the file smaller by as much."""
     with open(os.path.join(wide_dirs["gap16x"], "adapter_config.json")) as handle:
         config = json.load(handle)
     positions = wide_gap_positions()
     size = positions.numel()
-    assert config["child_encodings"][WKEY] == "gap16x"
-    assert config["child_encoded_lengths"] == {WKEY: size + 3}  # only the variable-length encoding records one
+    assert size == WSIZE and config["child_encodings"][WKEY] == "gap16x"
+    assert config["child_encoded_lengths"] == {WKEY: WWORDS}  # only the variable-length encoding records one
     saved = load_file(os.path.join(wide_dirs["gap16x"], "adapter_model.safetensors"))
     twin = load_file(os.path.join(wide_dirs["int32"], "adapter_model.safetensors"))
-    assert saved[WP].dtype == torch.uint16 and saved[WP].numel() == size + 3 == gap16x_length(positions)
-    gap16x_bytes, int32_bytes = 2 * (size + 3), 4 * size
+    assert saved[WP].dtype == torch.uint16 and saved[WP].numel() == WWORDS == gap16x_length(positions)
+    gap16x_bytes, int32_bytes = 2 * WWORDS, 4 * size
     assert twin[WP].numel() * 4 == int32_bytes and gap16x_bytes < int32_bytes < (WNUMEL + 7) // 8
     sizes = {name: os.path.getsize(os.path.join(wide_dirs[name], "adapter_model.safetensors"))
              for name in ("gap16x", "int32")}
@@ -1013,7 +1026,7 @@ def test_an_adapter_awaiting_its_fisher_pass_adopts_a_gap16x_checkpoint(wide_dir
     model = peft_model(load_base(wide_dirs["base"]), mode="d", reserve_p=0.01, seed=3, task_type="SEQ_CLS")
     model.load_adapter(wide_dirs["gap16x"], adapter_name="default", is_trainable=True)
     config = model.peft_config["default"]
-    assert config.child_encodings[WKEY] == "gap16x" and config.child_encoded_lengths == {WKEY: 259}
+    assert config.child_encodings[WKEY] == "gap16x" and config.child_encoded_lengths == {WKEY: WWORDS}
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(**wide_dirs["batch"]).logits, wide_dirs["expected"])
@@ -1049,30 +1062,33 @@ def _wide_stream(edit: Callable[[torch.Tensor], torch.Tensor], record: bool = Fa
     return apply
 
 
-def _first_skip(stream: torch.Tensor) -> int:
-    return int((stream == 0).nonzero()[0])
-
-
 def _wide_lengths(edit: Callable[[dict], None]):
     def apply(sd, cfg):
         edit(cfg.setdefault("child_encoded_lengths", {}) if cfg.get("child_encoded_lengths") is not None else cfg)
     return apply
 
 
+def _triple(index: int, count: int) -> torch.Tensor:
+    return torch.tensor([index >> 16, index & GAP16_MAX, count], dtype=torch.int32)
+
+
 WIDE_BAD_FILES = [
-    BadFile("stream_remainder_zeroed", _wide_stream(lambda s: s.index_fill(0, torch.tensor([_first_skip(s) + 1]), 0)),
-            match="places"),
-    BadFile("stream_skip_dropped", _wide_stream(lambda s: torch.cat([s[:_first_skip(s)], s[_first_skip(s) + 1:]])),
+    BadFile("stream_wide_remainder_zeroed", _wide_stream(lambda s: s.index_fill(0, torch.tensor([64]), 0)),
+            match="duplicated"),
+    BadFile("stream_wide_gap_dropped", _wide_stream(lambda s: s[:-3]), match="child_encoded_lengths records"),
+    BadFile("stream_wide_gap_added", _wide_stream(lambda s: torch.cat([s, _triple(5, 1)])),
             match="child_encoded_lengths records"),
-    BadFile("stream_skip_added", _wide_stream(lambda s: torch.cat([s[:1], torch.zeros(1, dtype=s.dtype), s[1:]])),
-            match="child_encoded_lengths records"),
-    BadFile("stream_ends_in_a_skip",  # a skip moved to the end: as many words and positions, the last one lost
-            _wide_stream(lambda s: torch.cat([s[:_first_skip(s)], s[_first_skip(s) + 1:], s[_first_skip(s):][:1]])),
-            match="ends in a zero word"),
-    BadFile("stream_past_the_end", _wide_stream(lambda s: s.index_fill(0, torch.tensor([s.numel() - 1]), GAP16_MAX)),
+    BadFile("stream_truncated_escape", _wide_stream(lambda s: s[:-1], record=True), match="truncated escape"),
+    BadFile("stream_zero_wide_gap", _wide_stream(lambda s: s.index_fill(0, torch.tensor([s.numel() - 1]), 0)),
+            match="count 0"),
+    BadFile("stream_wide_gaps_unsorted", _wide_stream(lambda s: torch.cat([s[:WSIZE], s[WSIZE + 3:], s[WSIZE:][:3]])),
+            match="out of order"),
+    BadFile("stream_wide_gap_beyond", _wide_stream(lambda s: torch.cat([s[:-3], _triple(WSIZE, 1)])),
+            match="beyond"),
+    BadFile("stream_past_the_end", _wide_stream(lambda s: s.index_fill(0, torch.tensor([WSIZE - 1]), GAP16_MAX)),
             match="out of range"),
-    BadFile("stream_longer_than_any_child", _wide_stream(lambda s: torch.cat([torch.zeros(1, dtype=s.dtype), s]),
-                                                         record=True), match="256 to 259 words"),
+    BadFile("stream_longer_than_any_child", _wide_stream(lambda s: torch.cat([s, _triple(7, 1)]), record=True),
+            match=f"{WSIZE} to {WWORDS} words"),
     BadFile("config_length_plus_one", _wide_lengths(lambda lengths: lengths.__setitem__(WKEY, lengths[WKEY] + 1)),
             match="child_encoded_lengths records"),
     BadFile("config_length_minus_one", _wide_lengths(lambda lengths: lengths.__setitem__(WKEY, lengths[WKEY] - 1)),
@@ -1108,7 +1124,7 @@ def test_bad_wide_gap_file_refused_and_base_untouched(wide_dirs, tmp_path, bad):
     assert_untouched(saved)
 
 
-@pytest.mark.parametrize("name", ["stream_remainder_zeroed", "stream_skip_dropped", "config_length_plus_one"])
+@pytest.mark.parametrize("name", ["stream_wide_remainder_zeroed", "stream_wide_gap_dropped", "config_length_plus_one"])
 @pytest.mark.parametrize("loader", ["low_cpu_mem_usage", "load_adapter", "transformers"])
 def test_bad_wide_gap_file_refused_by_every_loader(wide_dirs, tmp_path, name, loader):
     bad = WIDE_BAD_BY_NAME[name]

@@ -174,7 +174,7 @@ def test_inspect_reports_gap16x_and_a_length_the_file_disagrees_with(tmp_path, c
     give_wide_gaps(model)
     adapter_dir = str(tmp_path / "wide")
     model.save_pretrained(adapter_dir)
-    words = wide_gap_positions().numel() + 3  # three wide gaps: a zero word each
+    words = wide_gap_positions().numel() + 3 * 3  # three wide gaps: a triple each
     code, out, err = run(capsys, "inspect", adapter_dir, "--json")
     assert code == 0, err
     record = next(record for record in json.loads(out)["tensors"] if record["name"] == WIDE_GAP_KEY)

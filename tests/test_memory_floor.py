@@ -98,8 +98,8 @@ def test_a_loaded_adapter_holds_no_validation_cache(tmp_path) -> None:
     "positions, numel",
     [
         (torch.tensor([0, 1, 2, 5, 9, 10]), 12),  # dense: bitmap, held as gaps
-        (torch.tensor([3, 70_000, 70_001]), 400_000),  # a gap over 16 bits: gap16x (one zero word), its own cache
-        (torch.tensor([0, 200_000]), 400_000),  # a gap of three zero words: int32, its own cache
+        (torch.tensor([3, 70_000, 70_001, 70_002]), 400_000),  # a gap over 16 bits: gap16x, its own cache
+        (torch.tensor([0, 200_000]), 400_000),  # a wide gap's triple costs more than int32: int32, its own cache
         (torch.tensor([7, 65_541, 131_075]), 300_000),  # the widest gaps that fit: gap16, its own cache
         (torch.arange(0, 200_000, 3), 200_000),  # bitmap with a gap of 3, held as gaps
         (torch.tensor([5, 100_000]), 100_001),  # bitmap forced below, held as a gap16x stream (a gap over 16 bits)
