@@ -790,35 +790,40 @@ def set_values(draw: Draw, ws: Workspace) -> tuple[str, str]:
 
 
 def mutate_gap_stream(draw: Draw, ws: Workspace) -> tuple[str, str]:
-    """Edit a stream of 16-bit gaps (gap16, or gap16x with its zero words) as a writer with a bug could."""
+    """Edit a stream of 16-bit gaps (gap16, or gap16x: the gaps, then a triple (index high, index low, count) per
+    wide gap) as a writer with a bug could."""
     streams = [key for key in sorted(ws.tensors) if "positions" in key and ws.tensors[key].dtype == torch.uint16
                and ws.tensors[key].dim() == 1 and ws.tensors[key].numel()]
     if not streams:
         return "nothing", "no 16-bit gap stream"
     key = draw.choice(streams)
     words = ws.tensors[key].to(torch.int32)
-    skips = (words == 0).nonzero().flatten().tolist()
-    variant = draw.choice(["zero_word", "trailing_skip", "insert_skip", "swap_adjacent", "widen_last"]
-                          + (["drop_skip", "skip_to_end"] if skips else []))
-    index = draw.integer(0, words.numel() - 1)
-    if variant == "zero_word":  # one position fewer than the child: never a valid stream
+    values = ws.tensors.get(key.replace("positions", "values"))
+    size = values.numel() if values is not None and values.numel() <= words.numel() else words.numel()
+    wide = (words.numel() - size) // 3
+    variant = draw.choice(["zero_gap", "drop_last_word", "append_triple", "swap_adjacent", "widen_last_gap"]
+                          + (["zero_count", "bump_count"] if wide else []))
+    index = draw.integer(0, size - 1)
+    if variant == "zero_gap":  # a duplicated position: never a valid stream
         words = words.index_fill(0, torch.tensor([index]), 0)
-    elif variant == "trailing_skip":  # ends in a skip that places nothing: never a valid stream
-        words = torch.cat([words, words.new_zeros(1)])
+    elif variant == "zero_count":  # a wide gap of count 0: never a valid stream
+        words = words.index_fill(0, torch.tensor([size + 3 * draw.integer(0, wide - 1) + 2]), 0)
     else:  # may leave a valid stream of another child network: re-signed, a valid adapter (see SIGNINGS)
         ws.signing = "stale"
-        if variant == "insert_skip":
-            words = torch.cat([words[:index], words.new_zeros(1), words[index:]])
+        if variant == "drop_last_word":
+            words = words[:-1]
+        elif variant == "append_triple":
+            words = torch.cat([words, torch.tensor([index >> 16, index & 0xFFFF, 1], dtype=words.dtype)])
         elif variant == "swap_adjacent" and words.numel() > 1:
             index = min(index, words.numel() - 2)
             words = torch.cat([words[:index], words[index + 1:index + 2], words[index:index + 1], words[index + 2:]])
-        elif variant == "widen_last":
-            words = words.index_fill(0, torch.tensor([words.numel() - 1]), (1 << 16) - 1)
-        elif variant in ("drop_skip", "skip_to_end"):
-            skip = draw.choice(skips)
-            words = torch.cat([words[:skip], words[skip + 1:], words.new_zeros(1 if variant == "skip_to_end" else 0)])
+        elif variant == "widen_last_gap":
+            words = words.index_fill(0, torch.tensor([size - 1]), (1 << 16) - 1)
+        elif variant == "bump_count":
+            where = size + 3 * draw.integer(0, wide - 1) + 2
+            words = words.index_fill(0, torch.tensor([where]), min(int(words[where]) + 1, (1 << 16) - 1))
     ws.set_tensor(key, words.to(torch.uint16))
-    return variant, f"{key}[{index}] ({len(skips)} zero words)"
+    return variant, f"{key}[{index}] ({size} gaps, {wide} wide)"
 
 
 def mutate_metadata(draw: Draw, ws: Workspace) -> tuple[str, str]:
