@@ -47,7 +47,7 @@ class ChildTuningConfig(PeftConfig):
             tensor and the encoding of its positions, keyed by ``"<module name>.<weight|bias>"``. A saved adapter
             needs them so that every loader can build layers of the right shapes before the tensors arrive.
         child_encoded_lengths: filled in by child selection, only for tensors whose positions have an encoding of
-            variable length ("gap16x", 16-bit gaps with zero words for the wide ones): the number of words of the
+            variable length ("gap16x", 16-bit gaps with a table of the wide ones): the number of words of the
             stream, with which every loader builds the layer's positions tensor; None where no tensor needs it.
         base_fingerprint: filled in when the adapter is created: what identifies the base model it is tuned from
             (`fingerprint`), checked whenever its child network is loaded.

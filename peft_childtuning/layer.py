@@ -6,7 +6,7 @@ Per adapter and tuned tensor (``weight``, optionally ``bias``) the layer holds
   Mode "d": a 1-D tensor of the k_t child entries. Mode "f": a full-shape copy of the tensor (every entry may move).
 - ``childtuning_positions`` / ``childtuning_bias_positions``: mode "d" only, the flat positions of the child entries
   in the base tensor, in the encoding of the saved format (`sparse_format`: a bitmap, int32 positions or 16-bit
-  gaps, with zero words for the gaps too wide for 16 bits, whichever is smallest), so a checkpoint loads into them
+  gaps, with a table of the gaps too wide for 16 bits, whichever is smallest), so a checkpoint loads into them
   as it is; decoded and checked once, and cached in the compact form `sparse_format.held_positions` chooses (int32
   positions and gaps are their own cache), which each forward and backward expands (on the weights' device, with no
   host sync).

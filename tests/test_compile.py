@@ -156,8 +156,8 @@ def test_mask_operator_is_opaque_to_compile_and_differentiable():
 
 
 def test_a_gap16x_child_network_compiles_into_one_graph_and_steps_as_eager():
-    """Gaps over 16 bits (a gap16x stream, expanded with nonzero_static of the known child size): once decoded, the
-    training forward is one graph without a break, and compiled steps equal eager ones bit for bit."""
+    """Gaps over 16 bits (a gap16x stream, expanded with a scatter-add of its wide gaps and a prefix sum): once
+    decoded, the training forward is one graph without a break, and compiled steps equal eager ones bit for bit."""
     torch.manual_seed(0)
     config = ChildTuningConfig(
         mode="d", selection="random", reserve_p=3e-5, seed=3, init_weights=False, target_modules=["0"]
