@@ -41,6 +41,7 @@ ENCODINGS = ("bitmap", "int32", "gap16", "gap16x")
 VARIABLE_LENGTH_ENCODINGS = ("gap16x",)
 _ENCODING_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16, "gap16x": torch.uint16}
 _GAP16_MAX = (1 << 16) - 1  # the widest 16-bit gap, and what a gap16x wide gap's count multiplies
+_GAP16X_MAX = _GAP16_MAX * (_GAP16_MAX + 1)  # the widest gap16x gap: remainder and count both 65,535
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 # `flat_nonzero` takes numpy's path on CPU; tests turn this off to check the torch path that runs on accelerators
 _NUMPY_ON_CPU = True  # bit i of a bitmap byte marks its entry i (little-endian)
@@ -104,14 +105,14 @@ def choose_encoding(positions: torch.Tensor, numel: int) -> str:
     """The smallest encoding of these sorted positions (ties favour the bitmap, then int32).
 
     Gaps are written as gap16 where all fit in 16 bits, else as gap16x (three more words per wide gap), unless a gap
-    spans more than 65,535 x 65,536 entries.
+    is wider than gap16x holds.
     """
     size = positions.numel()
     candidates = {encoding: encoded_bytes(numel, size, encoding) for encoding in ("bitmap", "int32")}
     if size:
-        counts = _wide_counts(_gaps(positions.long()))
-        wide, widest = (int(value) for value in torch.stack([counts.count_nonzero(), counts.max()]).tolist())
-        if widest <= _GAP16_MAX:
+        gaps = _gaps(positions.long())
+        wide, widest = (int(value) for value in torch.stack([(gaps > _GAP16_MAX).sum(), gaps.max()]).tolist())
+        if widest <= _GAP16X_MAX:
             candidates["gap16x" if wide else "gap16"] = 2 * (size + 3 * wide)
     return min(candidates, key=candidates.__getitem__)
 
@@ -160,6 +161,11 @@ def _gap_stream(positions: torch.Tensor) -> torch.Tensor:
     """The gap16x stream of sorted int64 positions, on their device: the gaps' 16-bit remainders, then a triple
     (index high, index low, count) per wide gap (gap16's gaps where no gap is wide). Finding the wide gaps syncs."""
     gaps = _gaps(positions)
+    if gaps.numel() and int(gaps.max()) > _GAP16X_MAX:
+        raise AdapterFormatError(
+            f"a gap of {int(gaps.max())} entries is wider than gap16x holds ({_GAP16X_MAX}); encode these positions "
+            "as int32 or a bitmap."
+        )
     counts = _wide_counts(gaps)
     wide = flat_nonzero(counts > 0)
     table = torch.stack([wide >> 16, wide & _GAP16_MAX, counts.index_select(0, wide)], 1)
@@ -267,6 +273,8 @@ def held_positions(encoded: torch.Tensor, positions: torch.Tensor, encoding: str
     """
     if encoding != "bitmap":
         return encoded
+    if positions.numel() and int(positions[-1]) >= _GAP16X_MAX:  # a gap may be too wide: the positions as they are
+        return positions
     return _gap_stream(positions.long())
 
 

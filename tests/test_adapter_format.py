@@ -444,6 +444,11 @@ def test_a_gap_over_16_bits_costs_three_words_not_the_whole_tensor():
     assert torch.equal(decode_positions(encoded, 500_000, 70_001, "gap16x", "t", 70_004), positions)
     # one wide gap among two positions costs more than int32 positions: int32
     assert choose_encoding(torch.tensor([0, 300_000]), 400_000) == "int32"
+    # the widest gap gap16x holds (remainder and count 65,535), and one wider, which it refuses to encode
+    widest = GAP16_MAX * (GAP16_MAX + 1)
+    assert encode_positions(torch.tensor([widest - 1]), widest, "gap16x").tolist() == [GAP16_MAX, 0, 0, GAP16_MAX]
+    with pytest.raises(AdapterFormatError, match="wider than gap16x holds"):
+        encode_positions(torch.tensor([widest]), widest + 1, "gap16x")
     # a dense child: the bitmap
     assert choose_encoding(torch.arange(0, 400_000, 4), 400_000) == "bitmap"
 
