@@ -791,15 +791,15 @@ def set_values(draw: Draw, ws: Workspace) -> tuple[str, str]:
 
 def mutate_gap_stream(draw: Draw, ws: Workspace) -> tuple[str, str]:
     """Edit a stream of 16-bit gaps (gap16, or gap16x: the gaps, then a triple (index high, index low, count) per
-    wide gap) as a writer with a bug could."""
-    streams = [key for key in sorted(ws.tensors) if "positions" in key and ws.tensors[key].dtype == torch.uint16
-               and ws.tensors[key].dim() == 1 and ws.tensors[key].numel()]
+    wide gap; one of those where there is one) as a writer with a bug could."""
+    streams = {key: tensor for key, tensor in sorted(ws.tensors.items())
+               if "positions" in key and tensor.dtype == torch.uint16 and tensor.dim() == 1 and tensor.numel()}
     if not streams:
         return "nothing", "no 16-bit gap stream"
-    key = draw.choice(streams)
-    words = ws.tensors[key].to(torch.int32)
-    values = ws.tensors.get(key.replace("positions", "values"))
-    size = values.numel() if values is not None and values.numel() <= words.numel() else words.numel()
+    sizes = {key: ws.tensors[key.replace("positions", "values")].numel()
+             if key.replace("positions", "values") in ws.tensors else streams[key].numel() for key in streams}
+    key = draw.choice([key for key in streams if streams[key].numel() > sizes[key]] or list(streams))
+    words, size = streams[key].to(torch.int32), min(sizes[key], streams[key].numel())
     wide = (words.numel() - size) // 3
     variant = draw.choice(["zero_gap", "drop_last_word", "append_triple", "swap_adjacent", "widen_last_gap"]
                           + (["zero_count", "bump_count"] if wide else []))
