@@ -171,6 +171,7 @@ def inspect_adapter(adapter_dir: str) -> dict[str, Any]:
     mode = config.get("mode", "d")
     child_sizes = config.get("child_sizes") or {}
     child_encodings = config.get("child_encodings") or {}
+    child_lengths = config.get("child_encoded_lengths") or {}  # gap16x streams' lengths (variable)
 
     tuned: dict[str, dict[str, Any]] = {}
     modules_to_save = []
@@ -210,6 +211,13 @@ def inspect_adapter(adapter_dir: str) -> dict[str, Any]:
             encoding = child_encodings.get(tensor_key, "int32")
             if "positions_shape" not in record:
                 problems.append(f"{tensor_key}: the file has child values but no positions")
+            elif (encoding == "gap16x" or tensor_key in child_lengths) and (
+                child_lengths.get(tensor_key) != _numel(record["positions_shape"])
+            ):
+                problems.append(
+                    f"{tensor_key}: the file's {encoding} positions have {_numel(record['positions_shape'])} words, "
+                    f"the config's child_encoded_lengths records {child_lengths.get(tensor_key)}"
+                )
             if size is not None and values_shape is not None and _numel(values_shape) != size:
                 problems.append(
                     f"{tensor_key}: the file has {_numel(values_shape)} child values, the config says {size}"

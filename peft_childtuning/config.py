@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional, Union
 from peft.config import PeftConfig
 
 from .registration import CHILDTUNING_PEFT_TYPE
-from .sparse_format import ENCODINGS
+from .sparse_format import ENCODINGS, VARIABLE_LENGTH_ENCODINGS
 
 MODES = ("d", "f")
 SELECTIONS = ("fisher", "random")
@@ -46,6 +46,9 @@ class ChildTuningConfig(PeftConfig):
         child_sizes, child_encodings: filled in by child selection: the number of child entries of each tuned
             tensor and the encoding of its positions, keyed by ``"<module name>.<weight|bias>"``. A saved adapter
             needs them so that every loader can build layers of the right shapes before the tensors arrive.
+        child_encoded_lengths: filled in by child selection, only for tensors whose positions have an encoding of
+            variable length ("gap16x", 16-bit gaps with a table of the wide ones): the number of words of the
+            stream, with which every loader builds the layer's positions tensor; None where no tensor needs it.
         base_fingerprint: filled in when the adapter is created: what identifies the base model it is tuned from
             (`fingerprint`), checked whenever its child network is loaded.
         ignore_base_mismatch: load the adapter even onto a base whose fingerprint differs (at your own risk). Only
@@ -78,6 +81,9 @@ class ChildTuningConfig(PeftConfig):
     )
     child_encodings: Optional[dict[str, str]] = field(
         default=None, metadata={"help": "Set by child selection: position encoding per tuned tensor. Leave unset."}
+    )
+    child_encoded_lengths: Optional[dict[str, int]] = field(
+        default=None, metadata={"help": "Set by child selection: gap16x stream length per tensor. Leave unset."}
     )
     base_fingerprint: Optional[dict[str, Any]] = field(
         default=None, metadata={"help": "Set at creation: what identifies the base model tuned. Leave unset."}
@@ -114,6 +120,20 @@ class ChildTuningConfig(PeftConfig):
         unknown = set((self.child_encodings or {}).values()) - set(ENCODINGS)
         if unknown:
             raise ValueError(f"ChildTuningConfig: unknown position encodings {sorted(unknown)}; known: {ENCODINGS}.")
+        lengths = self.child_encoded_lengths or {}
+        if not all(type(length) is int and length >= 0 for length in lengths.values()):
+            raise ValueError(
+                f"ChildTuningConfig: child_encoded_lengths must map tensors to word counts, got {lengths!r}; the "
+                "config is corrupted. Save the adapter again."
+            )
+        encodings = self.child_encodings or {}
+        variable = {key for key, encoding in encodings.items() if encoding in VARIABLE_LENGTH_ENCODINGS}
+        if set(lengths) != variable:
+            raise ValueError(
+                f"ChildTuningConfig: child_encoded_lengths records {sorted(lengths)}, but the tensors whose encoding "
+                f"has a variable length ({', '.join(VARIABLE_LENGTH_ENCODINGS)}) are {sorted(variable)}; each needs "
+                "its length, and only they have one. The config is corrupted: save the adapter again."
+            )
 
     @property
     def needs_fisher_pass(self) -> bool:

@@ -6,9 +6,10 @@ Per adapter and tuned tensor (``weight``, optionally ``bias``) the layer holds
   Mode "d": a 1-D tensor of the k_t child entries. Mode "f": a full-shape copy of the tensor (every entry may move).
 - ``childtuning_positions`` / ``childtuning_bias_positions``: mode "d" only, the flat positions of the child entries
   in the base tensor, in the encoding of the saved format (`sparse_format`: a bitmap, int32 positions or 16-bit
-  gaps, whichever is smallest), so a checkpoint loads into them as it is; decoded and checked once, and cached in
-  the compact form `sparse_format.held_positions` chooses (int32 positions and gaps are their own cache), which
-  each forward and backward expands (on the weights' device, with no host sync).
+  gaps, with a table of the gaps too wide for 16 bits, whichever is smallest), so a checkpoint loads into them
+  as it is; decoded and checked once, and cached in the compact form `sparse_format.held_positions` chooses (int32
+  positions and gaps are their own cache), which each forward and backward expands (on the weights' device, with no
+  host sync).
 
 The base tensors are never written while unmerged. The forward composes ``W`` with the child values; for Linear and
 GPT-2's Conv1D a custom autograd function does it one layer at a time without keeping the composed copy alive from
@@ -33,6 +34,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import ChildTuningConfig
 from .fisher import random_child_positions
 from .sparse_format import (
+    VARIABLE_LENGTH_ENCODINGS,
     AdapterFormatError,
     all_finite,
     choose_encoding,
@@ -65,29 +67,31 @@ class AdapterSpec:
     awaits_fisher_pass: bool
     inference_mode: bool
     encodings: dict[str, str] = field(default_factory=dict)  # tuned tensor name -> position encoding (mode "d")
+    encoded_lengths: dict[str, int] = field(default_factory=dict)  # tuned tensor name -> gap16x stream length
     # the tensors the config targets: the tuned ones, and those whose child network came out empty (not tuned)
     targeted: tuple[str, ...] = ()
 
 
 # index_select / index_copy rather than advanced indexing: several times faster on CPU for millions of entries.
-# `positions` are sorted flat positions, or what a layer holds of them (`sparse_format.held_positions`).
 def gather_child(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The entries of `tensor` at the flat `positions`, as a 1-D tensor."""
-    index = positions if positions.dtype in (torch.int32, torch.int64) else expand_positions(positions)
-    return tensor.reshape(-1).index_select(0, index.to(tensor.device))
+    """The entries of `tensor` at the sorted flat `positions` (int32 or int64), as a 1-D tensor."""
+    return tensor.reshape(-1).index_select(0, positions.to(tensor.device))
 
 
+# `positions` below are sorted flat positions, or what a layer holds of them (`sparse_format.held_positions`),
+# expanded for as many positions as there are values.
 def scatter_child(base: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """A new tensor equal to `base` with `values` (cast to its dtype) at the flat `positions`: differentiable in the
     values. Written into a clone in place: twice as fast on CPU as the out-of-place index_copy, same bits."""
     flat = base.reshape(-1).clone()
-    flat.index_copy_(0, expand_positions(positions.to(base.device)), values.to(base.dtype))
+    flat.index_copy_(0, expand_positions(positions.to(base.device), values.numel()), values.to(base.dtype))
     return flat.view_as(base)
 
 
 def write_child(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
     """Write `values` into the flat tensor `flat` at `positions`, in place."""
-    flat.index_copy_(0, expand_positions(positions.to(flat.device)), values.to(flat.device, flat.dtype))
+    index = expand_positions(positions.to(flat.device), values.numel())
+    flat.index_copy_(0, index, values.to(flat.device, flat.dtype))
 
 
 class _ChildLinearFunction(torch.autograd.Function):
@@ -120,7 +124,7 @@ class _ChildLinearFunction(torch.autograd.Function):
         x, weight, values, positions = ctx.saved_tensors
         grad_x = grad_weight = grad_values = grad_bias = None
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        index = expand_positions(positions)  # once for the three uses below
+        index = expand_positions(positions, values.numel())  # once for the three uses below
         if ctx.needs_input_grad[0]:
             composed = scatter_child(weight, values, index).to(grad_output.dtype)
             linear_weight = composed.t() if ctx.weight_is_in_by_out else composed
@@ -213,7 +217,7 @@ class ChildTuningLayer(BaseTunerLayer):
         """
         base = self.get_base_layer()
         names = ["weight"] + (["bias"] if config.tune_bias and getattr(base, "bias", None) is not None else [])
-        encodings = {}
+        encodings, encoded_lengths = {}, {}
         for tensor_name in names:
             tensor = getattr(base, tensor_name)
             values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
@@ -234,7 +238,8 @@ class ChildTuningLayer(BaseTunerLayer):
                     values = gather_child(tensor.detach(), positions)
                 else:  # placeholders, filled by detect_child_network or by the adapter being loaded
                     encodings[tensor_name] = (config.child_encodings or {}).get(key, "int32")
-                    encoded = placeholder(tensor.numel(), size, encodings[tensor_name])
+                    recorded = (config.child_encoded_lengths or {}).get(key)
+                    encoded = placeholder(tensor.numel(), size, encodings[tensor_name], recorded=recorded)
                     # NaN until loaded: a loader that skips a tensor is caught at first use, never a wrong model
                     # (an adapter awaiting its Fisher pass keeps real, empty ones: it may adopt a checkpoint's child
                     # network, which resizes them in place)
@@ -243,6 +248,8 @@ class ChildTuningLayer(BaseTunerLayer):
                         (size,), float("nan"), dtype=tensor.dtype, device="meta" if on_meta else tensor.device
                     )
                 getattr(self, positions_attr)[adapter_name] = encoded.to(tensor.device)
+                if encodings[tensor_name] in VARIABLE_LENGTH_ENCODINGS:
+                    encoded_lengths[tensor_name] = encoded.numel()
             if not config.init_weights:
                 values = values.float() + _TEST_INIT_NOISE * torch.randn(values.shape, device=values.device)
             getattr(self, values_attr)[adapter_name] = nn.Parameter(values, requires_grad=True)
@@ -253,6 +260,7 @@ class ChildTuningLayer(BaseTunerLayer):
             config.needs_fisher_pass,
             config.inference_mode,
             encodings,
+            encoded_lengths,
             targeted=tuple(names),
         )
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -274,13 +282,28 @@ class ChildTuningLayer(BaseTunerLayer):
         values_attr, positions_attr = TUNED_TENSOR_CONTAINERS[tensor_name]
         positions = positions.to(base_tensor.device)  # chosen and encoded where the weight is
         encoding = encoding or choose_encoding(positions, base_tensor.numel())
-        getattr(self, positions_attr)[adapter_name] = encode_positions(positions, base_tensor.numel(), encoding)
+        encoded = encode_positions(positions, base_tensor.numel(), encoding)
+        getattr(self, positions_attr)[adapter_name] = encoded
         parameter = getattr(self, values_attr)[adapter_name]
         resize_in_place(parameter, gather_child(base_tensor.detach(), positions).to(parameter.dtype))
-        spec = self.childtuning_spec[adapter_name]
-        encodings = {**spec.encodings, tensor_name: encoding}
-        self.childtuning_spec[adapter_name] = replace(spec, awaits_fisher_pass=False, encodings=encodings)
+        self._record_encoding(adapter_name, tensor_name, encoded, encoding)
         return encoding
+
+    def _record_encoding(
+        self, adapter_name: str, tensor_name: str, encoded: Optional[torch.Tensor], encoding: Optional[str]
+    ) -> None:
+        """Put one tensor's chosen child network in the adapter's spec: `encoded` positions in `encoding` (and a
+        gap16x stream's length), or None where it is empty (not tuned). Nothing is left to wait for."""
+        spec = self.childtuning_spec[adapter_name]
+        encodings = {name: known for name, known in spec.encodings.items() if name != tensor_name}
+        lengths = {name: length for name, length in spec.encoded_lengths.items() if name != tensor_name}
+        if encoding is not None:
+            encodings[tensor_name] = encoding
+            if encoding in VARIABLE_LENGTH_ENCODINGS:
+                lengths[tensor_name] = encoded.numel()
+        self.childtuning_spec[adapter_name] = replace(
+            spec, awaits_fisher_pass=False, encodings=encodings, encoded_lengths=lengths
+        )
 
     # ----------------------------------------------------------------------------------------------- forward
     def _check_ready_to_train(self, adapter_names: list[str]) -> None:
@@ -324,7 +347,8 @@ class ChildTuningLayer(BaseTunerLayer):
         held = self._held_positions(adapter_name, tensor_name)
         if held is None:
             return None
-        return expand_positions(held, index_dtype(getattr(self.get_base_layer(), tensor_name).numel()))
+        numel = getattr(self.get_base_layer(), tensor_name).numel()
+        return expand_positions(held, self.child_size(adapter_name, tensor_name), index_dtype(numel))
 
     def _held_positions(self, adapter_name: str, tensor_name: str) -> Optional[torch.Tensor]:
         """`_positions` as the layer holds them (`sparse_format.held_positions`), for `expand_positions` at each use.
@@ -353,7 +377,7 @@ class ChildTuningLayer(BaseTunerLayer):
         if (cached is None or cached.encoded is not encoded) and (adapter_name, tensor_name) in self._validated_positions:
             return encoded, self._checked_positions(adapter_name, tensor_name).to(encoded.device)
         held = self._held_positions(adapter_name, tensor_name)  # decoded once, for every later merge and unmerge
-        return held, expand_positions(held)
+        return held, expand_positions(held, self.child_size(adapter_name, tensor_name))
 
     @torch.compiler.disable  # numpy, data-dependent checks: run eagerly, once, rather than traced
     def _decode_positions(self, adapter_name: str, tensor_name: str) -> DecodedPositions:
@@ -380,12 +404,14 @@ class ChildTuningLayer(BaseTunerLayer):
                 "(not loaded, or a corrupted adapter file)."
             )
         try:
+            spec = self.childtuning_spec[adapter_name]
             return decode_positions(
                 encoded,
                 base_tensor.numel(),
                 values.numel(),
-                self.childtuning_spec[adapter_name].encodings[tensor_name],
+                spec.encodings[tensor_name],
                 self.tensor_key(tensor_name),
+                spec.encoded_lengths.get(tensor_name),
             )
         except AdapterFormatError as error:
             raise AdapterFormatError(
@@ -450,10 +476,8 @@ class ChildTuningLayer(BaseTunerLayer):
                 del container[adapter_name]
         for cache in (self._decoded_positions, self._validated_positions):
             cache.pop((adapter_name, tensor_name), None)
-        spec = self.childtuning_spec.get(adapter_name)
-        if spec is not None:  # its child network is known (empty): nothing left to wait for
-            encodings = {name: encoding for name, encoding in spec.encodings.items() if name != tensor_name}
-            self.childtuning_spec[adapter_name] = replace(spec, awaits_fisher_pass=False, encodings=encodings)
+        if adapter_name in self.childtuning_spec:  # its child network is known (empty)
+            self._record_encoding(adapter_name, tensor_name, None, None)
 
     def _get_available_adapters(self) -> set[str]:
         """Every adapter of the layer, also one whose child network here is empty (no values, yet merged with the

@@ -42,6 +42,7 @@ from .fingerprint import fingerprint_mismatch
 from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer
 from .registration import PEFT_TYPE_NAME
 from .sparse_format import (
+    VARIABLE_LENGTH_ENCODINGS,
     AdapterFormatError,
     all_finite,
     decode_positions,
@@ -243,15 +244,22 @@ def check_checkpoint(
             continue
         if adopt:
             if values.numel():
-                encoding = encoding_of(encoded)
-                positions = decode_positions(encoded, base_tensor.numel(), values.numel(), encoding, tensor_key)
+                encoding = encoding_of(encoded, values.numel())
+                positions = decode_positions(
+                    encoded, base_tensor.numel(), values.numel(), encoding, tensor_key, encoded.numel()
+                )
                 adopted.append((entry, positions, encoding))
             else:
                 emptied.append(entry)
         else:
             spec = entry.layer.childtuning_spec[adapter_name]
             positions = decode_positions(
-                encoded, base_tensor.numel(), values.numel(), spec.encodings[entry.tensor_name], tensor_key
+                encoded,
+                base_tensor.numel(),
+                values.numel(),
+                spec.encodings[entry.tensor_name],
+                tensor_key,
+                spec.encoded_lengths.get(entry.tensor_name),
             )
             entry.layer._validated_positions[(adapter_name, entry.tensor_name)] = (encoded, positions)
 
@@ -511,6 +519,30 @@ def _check_against_saved_config(
             "again from the model it was trained on, or pass ignore_base_mismatch=True to load it anyway, at your "
             "own risk."
         )
+    _check_recorded_lengths(config_path, saved, tensors)
+
+
+def _check_recorded_lengths(config_path: str, saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a config whose recorded length of a variable-length positions tensor (gap16x) is not the file's: its
+    layers would be built for another stream (even an adapter that adopts the file's child network checks it)."""
+    encodings, lengths = saved.get("child_encodings") or {}, saved.get("child_encoded_lengths") or {}
+    if not isinstance(encodings, dict) or not isinstance(lengths, dict):
+        raise AdapterFormatError(
+            f"{config_path}: child_encodings and child_encoded_lengths must be JSON objects; the config is "
+            "corrupted. Save the adapter again."
+        )
+    for key, encoding in encodings.items():
+        module, _, tensor_name = str(key).rpartition(".")
+        if encoding not in VARIABLE_LENGTH_ENCODINGS or tensor_name not in TUNED_TENSOR_CONTAINERS:
+            continue
+        name = f"{module}.{TUNED_TENSOR_CONTAINERS[tensor_name][1]}"
+        encoded = tensors.get(f"{PEFT_PREFIX}{name}", tensors.get(name))
+        if encoded is not None and lengths.get(key) != encoded.numel():
+            raise AdapterFormatError(
+                f"{config_path}: child_encoded_lengths records {lengths.get(key)!r} words for the {encoding} "
+                f"positions of {key}, the file holds {encoded.numel()}; the config does not belong to these weights. "
+                "Save the adapter again."
+            )
 
 
 def _is_childtuning_folder(folder: str) -> bool:
@@ -674,9 +706,9 @@ def _check_same_adapter(
     model: nn.Module, existing: ChildTuningConfig, saved: dict[str, Any], name: str, folder: str
 ) -> None:
     """Loading into an existing adapter (an eval loop over checkpoints): the file must be a checkpoint of it."""
-    for field in ("mode", "tune_bias", "child_sizes", "child_encodings"):
+    for field in ("mode", "tune_bias", "child_sizes", "child_encodings", "child_encoded_lengths"):
         mine = getattr(existing, field)
-        if field in ("child_sizes", "child_encodings") and mine is None:
+        if field.startswith("child_") and existing.child_sizes is None:
             continue  # waiting for its Fisher pass: it adopts the checkpoint's child network
         if saved.get(field, mine) != mine:
             raise AdapterFormatError(

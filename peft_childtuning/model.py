@@ -19,7 +19,7 @@ from .fingerprint import base_fingerprint
 from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer, ChildTuningModule
 from .loading import attach_load_hooks, check_checkpoint, pending_checkpoint
 from .resizing import gradient_accumulator_is_held
-from .sparse_format import AdapterFormatError
+from .sparse_format import VARIABLE_LENGTH_ENCODINGS, AdapterFormatError, encoded_length
 from .tied_weights import refuse_tied_targets
 
 logger = logging.getLogger(__name__)
@@ -38,13 +38,14 @@ def tuned_tensors(model: nn.Module, adapter_name: str) -> Iterator[tuple[ChildTu
 
 
 def record_child_network(model: nn.Module, config: ChildTuningConfig, adapter_name: str) -> None:
-    """Write the child sizes and position encodings of the model's layers into the adapter's config.
+    """Write the child sizes and position encodings (with gap16x streams' lengths) of the model's layers into the
+    adapter's config.
 
     Called once the child network is chosen. A tensor whose child came out empty stops being tuned here and is left
     out of child_sizes: a 0-element values Parameter, with nothing to train, would reach optimizers (torch's
     Adafactor divides by its size) and checkpoints (accelerate's save_state / load_state lose it).
     """
-    sizes, encodings = {}, {}
+    sizes, encodings, lengths = {}, {}, {}
     for layer, tensor_name, key, _ in list(tuned_tensors(model, adapter_name)):
         if tensor_name not in layer.tuned_tensor_names(adapter_name):
             continue
@@ -52,9 +53,13 @@ def record_child_network(model: nn.Module, config: ChildTuningConfig, adapter_na
             layer.untune(adapter_name, tensor_name)
             continue
         sizes[key] = layer.child_size(adapter_name, tensor_name)
-        encodings[key] = layer.childtuning_spec[adapter_name].encodings[tensor_name]
+        spec = layer.childtuning_spec[adapter_name]
+        encodings[key] = spec.encodings[tensor_name]
+        if tensor_name in spec.encoded_lengths:
+            lengths[key] = spec.encoded_lengths[tensor_name]
     config.child_sizes = sizes
     config.child_encodings = encodings
+    config.child_encoded_lengths = lengths or None  # recorded only where an encoding needs it
 
 
 def child_tuning_adapters(model: nn.Module) -> dict[str, ChildTuningConfig]:
@@ -378,10 +383,10 @@ class ChildTuningModel(BaseTuner):
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
         """Buffers DistributedDataParallel must not broadcast: the encoded child positions.
 
-        DDP broadcasts buffers from process 0, but gloo and NCCL have no 16-bit integer type for the "gap16"
-        encoding; and every process holds the same positions anyway (Fisher summed over processes, a seeded random
-        child, or the same checkpoint). DDP looks this attribute up on the module it wraps, which reaches the tuner
-        through PeftModel's attribute forwarding; the names are given relative to each possible root.
+        DDP broadcasts buffers from process 0, but gloo and NCCL have no 16-bit integer type for the "gap16" and
+        "gap16x" encodings; and every process holds the same positions anyway (Fisher summed over processes, a seeded
+        random child, or the same checkpoint). DDP looks this attribute up on the module it wraps, which reaches the
+        tuner through PeftModel's attribute forwarding; the names are given relative to each possible root.
         """
         names = [
             name
@@ -487,7 +492,8 @@ def _model_tensor(model: nn.Module, key: str) -> Optional[torch.Tensor]:
 
 
 def _check_child_sizes_fit(model: nn.Module, config: ChildTuningConfig) -> None:
-    """Refuse child sizes that do not fit the tensors they name, before a few bytes of JSON allocate gigabytes."""
+    """Refuse child sizes (and gap16x stream lengths) that do not fit the tensors they name, before a few bytes of
+    JSON allocate gigabytes."""
     for key, size in (config.child_sizes or {}).items():
         module_name, _, tensor_name = key.rpartition(".")
         try:
@@ -507,3 +513,6 @@ def _check_child_sizes_fit(model: nn.Module, config: ChildTuningConfig) -> None:
                 f"child_sizes[{key!r}] = {size} does not fit a tensor of {tensor.numel()} entries: the "
                 "adapter_config.json is corrupted."
             )
+        encoding = (config.child_encodings or {}).get(key)
+        if size and encoding in VARIABLE_LENGTH_ENCODINGS:
+            encoded_length(tensor.numel(), size, encoding, (config.child_encoded_lengths or {}).get(key), key)

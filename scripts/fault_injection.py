@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import fault_injection_cases as fic  # noqa: E402
 
-SHARES = {"bert_d": 0.5, "bert_f": 0.25, "gpt2_d": 0.25}
+SHARES = {"bert_d": 0.4, "bert_f": 0.2, "gpt2_d": 0.2, "bertwide_d": 0.2}
 
 
 def draw(seed: int, index: int, sources, names, loaders, kinds, min_mutations, max_mutations) -> fic.Case:

@@ -53,20 +53,48 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ tiny models
-def tiny_bert(dropout: float = 0.0, seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
+def tiny_bert(
+    dropout: float = 0.0, seed: int = 0, num_labels: int = 2, intermediate_size: int = 64
+) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=intermediate_size,
         max_position_embeddings=64,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
         num_labels=num_labels,
     )
     return BertForSequenceClassification(config)
+
+
+WIDE_INTERMEDIATE = 8192
+WIDE_GAP_KEY = "bert.encoder.layer.0.intermediate.dense.weight"  # in wide_bert: 8192 x 32 entries
+
+
+def wide_bert(dropout: float = 0.0, seed: int = 0) -> BertForSequenceClassification:
+    """The tiny BERT with a wide feed-forward block (262,144 entries per matrix): room for gaps wider than 16 bits."""
+    return tiny_bert(dropout, seed, intermediate_size=WIDE_INTERMEDIATE)
+
+
+def wide_gap_positions() -> torch.Tensor:
+    """A child network of WIDE_GAP_KEY with a few gaps too wide for 16 bits: four clusters of 64 entries (every
+    third), 80,000 entries apart (three wide gaps)."""
+    return torch.cat([start + 3 * torch.arange(64) for start in (0, 80_000, 160_000, 240_000)])
+
+
+def give_wide_gaps(model: torch.nn.Module, encoding: str | None = None, adapter: str = "default") -> None:
+    """Make `wide_gap_positions` the child network of WIDE_GAP_KEY in a Fisher mode-"d" adapter of a `wide_bert`,
+    once its Fisher pass chose the others (the smallest encoding, gap16x, unless `encoding` is given), recorded in
+    the adapter's config."""
+    from peft_childtuning.model import record_child_network
+
+    layer = next(layer for layer in child_layers(model).values() if layer.tensor_key("weight") == WIDE_GAP_KEY)
+    layer.set_child_network(adapter, "weight", wide_gap_positions(), encoding)
+    record_child_network(model, model.peft_config[adapter], adapter)
 
 
 def tiny_roberta(dropout: float = 0.0, seed: int = 0) -> RobertaForSequenceClassification:
@@ -215,6 +243,12 @@ ARCHS: dict[str, TinyArch] = {
 }
 
 
+# not among ARCHS (the tests run over those): the tiny BERT with a wide feed-forward block, for gaps over 16 bits
+WIDE_BERT = TinyArch(
+    "bertwide", wide_bert, "SEQ_CLS", _classification_batch, torch.nn.Linear, ("bert.pooler.dense", "classifier"), 12
+)
+
+
 @pytest.fixture(params=list(ARCHS), ids=list(ARCHS))
 def tiny_models(request: pytest.FixtureRequest) -> TinyArch:
     """Parametrises a test over the tiny BERT, RoBERTa, GPT-2, Llama and T5 architectures."""
@@ -240,7 +274,8 @@ def child_layers(model: torch.nn.Module) -> dict[str, ChildTuningLayer]:
 def positions_of(layer: ChildTuningLayer, adapter: str = "default", tensor_name: str = "weight") -> torch.Tensor:
     """The decoded child positions (sorted flat int32) of one targeted tensor of a mode-"d" adapter (none if empty).
 
-    The layer stores them encoded (bitmap / int32 / gap16, see `peft_childtuning.sparse_format`); this decodes them.
+    The layer stores them encoded (bitmap / int32 / gap16 / gap16x, see `peft_childtuning.sparse_format`); this
+    decodes them.
     """
     from peft_childtuning.sparse_format import decode_positions
 
@@ -254,8 +289,10 @@ def positions_of(layer: ChildTuningLayer, adapter: str = "default", tensor_name:
     encoded = getattr(layer, positions_attr)[adapter]
     numel = getattr(layer.get_base_layer(), tensor_name).numel()
     size = getattr(layer, values_attr)[adapter].numel()
-    encoding = layer.childtuning_spec[adapter].encodings[tensor_name]
-    positions = decode_positions(encoded, numel, size, encoding, layer.tensor_key(tensor_name)).to(torch.int32)
+    spec = layer.childtuning_spec[adapter]
+    encoding, recorded = spec.encodings[tensor_name], spec.encoded_lengths.get(tensor_name)
+    positions = decode_positions(encoded, numel, size, encoding, layer.tensor_key(tensor_name), recorded)
+    positions = positions.to(torch.int32)
     # the layer's own decoded view agrees
     assert torch.equal(layer._positions(adapter, tensor_name), positions)
     return positions
@@ -418,7 +455,8 @@ def written_by_hand(base: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
             module = key.removesuffix(".childtuning_values")
             encoded = tensors[f"{module}.childtuning_positions"]
             weight = state[f"{module}.weight"]
-            positions = decode_positions(encoded, weight.numel(), values.numel(), encoding_of(encoded), module)
+            encoding = encoding_of(encoded, values.numel())
+            positions = decode_positions(encoded, weight.numel(), values.numel(), encoding, module, encoded.numel())
             weight.view(-1)[positions.long()] = values.to(weight.dtype)
         elif not key.endswith(".childtuning_positions"):
             state[key].copy_(values)

@@ -72,6 +72,10 @@ ADAPTER_FILES = (CONFIG, WEIGHTS, PICKLE)
 PREFIX = "base_model.model."
 VALUES, POSITIONS = "childtuning_values", "childtuning_positions"
 PICKLE_FLAG = "_childtuning_fault_injection_pickle_ran"
+ARCHS = {**conftest.ARCHS, conftest.WIDE_BERT.name: conftest.WIDE_BERT}
+# source -> (reserve_p, an edit of the child network its Fisher pass chose); the others: (0.3, None). The wide BERT's
+# gets a few gaps too wide for 16 bits in one tensor, stored as gap16x.
+SOURCE_SETTINGS = {"bertwide_d": (0.01, conftest.give_wide_gaps)}
 
 
 # ================================================================================================ sources
@@ -80,7 +84,7 @@ class Source:
     """A real saved adapter, with everything a case needs to check a load of (a mutation of) it."""
 
     name: str
-    arch: str  # "bert" / "gpt2"
+    arch: str  # "bert" / "gpt2" / "bertwide"
     mode: str
     base_dir: str
     adapter_dir: str  # trained 2 steps: the adapter every mutation starts from
@@ -98,11 +102,15 @@ class Source:
     host_same: torch.nn.Module = None  # PeftModel with step1_dir merged (adapter "default")
 
     @property
+    def classifies(self) -> bool:
+        return ARCHS[self.arch].task_type == "SEQ_CLS"
+
+    @property
     def auto_class(self):
-        return AutoPeftModelForSequenceClassification if self.arch == "bert" else AutoPeftModelForCausalLM
+        return AutoPeftModelForSequenceClassification if self.classifies else AutoPeftModelForCausalLM
 
     def load_base(self) -> torch.nn.Module:
-        auto = AutoModelForSequenceClassification if self.arch == "bert" else AutoModelForCausalLM
+        auto = AutoModelForSequenceClassification if self.classifies else AutoModelForCausalLM
         return auto.from_pretrained(self.base_dir, dtype=torch.float32).eval()
 
 
@@ -152,14 +160,16 @@ def _saved_keys(adapter_dir: str) -> set[str]:
         return set(safetensors_load(handle.read()))
 
 
-def prepare_sources(root: str, names: tuple[str, ...] = ("bert_d", "bert_f", "gpt2_d")) -> dict[str, Source]:
+def prepare_sources(
+    root: str, names: tuple[str, ...] = ("bert_d", "bert_f", "gpt2_d", "bertwide_d")
+) -> dict[str, Source]:
     """Build the tiny bases, train and save the adapters, and load the prepared models every case copies."""
     os.makedirs(root, exist_ok=True)
     sources = {}
     bases = {}
     for name in names:
         arch_name, mode = name.split("_")
-        arch = conftest.ARCHS[arch_name]
+        arch = ARCHS[arch_name]
         if arch_name not in bases:
             base_dir = os.path.join(root, f"{arch_name}_base")
             arch.build(seed=0).save_pretrained(base_dir)
@@ -172,9 +182,12 @@ def prepare_sources(root: str, names: tuple[str, ...] = ("bert_d", "bert_f", "gp
         batch = {k: v for k, v in arch.batches(1, seed=40)[0].items() if k != "labels"}
         batch["attention_mask"][1, 5:] = 0  # some padding, so masked positions are exercised too
         src.batch = batch
-        kwargs = dict(mode=mode, reserve_p=0.3, seed=3, task_type=arch.task_type)
-        trained = _train(conftest.peft_model(src.load_base(), **kwargs), arch, steps=2, seed=21,
-                         save_after={1: src.step1_dir, 2: src.adapter_dir})
+        reserve_p, edit_child_network = SOURCE_SETTINGS.get(name, (0.3, None))
+        model = conftest.peft_model(src.load_base(), mode=mode, reserve_p=reserve_p, seed=3, task_type=arch.task_type)
+        if edit_child_network is not None:
+            model.detect_child_network(arch.batches(2, seed=20), progress=False)
+            edit_child_network(model)
+        trained = _train(model, arch, steps=2, seed=21, save_after={1: src.step1_dir, 2: src.adapter_dir})
         src.trained_out = outputs(trained, batch)
         saved_keys = _saved_keys(src.adapter_dir)  # adding one of those would only replace its values
         src.base_keys = {kind: [entry for entry in entries if entry[0] not in saved_keys]
@@ -187,6 +200,8 @@ def prepare_sources(root: str, names: tuple[str, ...] = ("bert_d", "bert_f", "gp
             host.save_pretrained(src.host_dir)
         with open(os.path.join(src.adapter_dir, CONFIG)) as handle:
             src.config = json.load(handle)
+        if edit_child_network is not None:
+            assert "gap16x" in src.config["child_encodings"].values(), src.config["child_encodings"]
         with open(os.path.join(src.adapter_dir, WEIGHTS), "rb") as handle:
             src.weights_bytes = handle.read()
         src.tensors = safetensors_load(src.weights_bytes)
@@ -482,7 +497,7 @@ def mutate_child_encodings(draw: Draw, ws: Workspace) -> tuple[str, str]:
         key = draw.choice(sorted(encodings))
         old = encodings[key]
         if variant == "other_encoding":
-            encodings[key] = draw.choice([name for name in ("bitmap", "int32", "gap16") if name != old])
+            encodings[key] = draw.choice([name for name in ("bitmap", "int32", "gap16", "gap16x") if name != old])
         elif variant == "unknown_encoding":
             encodings[key] = draw.choice(["zip", "", "BITMAP"])
         elif variant == "null_entry":
@@ -499,6 +514,42 @@ def mutate_child_encodings(draw: Draw, ws: Workspace) -> tuple[str, str]:
     keys = sorted(ws.source.config.get("child_sizes") or _tuned_tensor_keys(ws.source))
     ws.config["child_encodings"] = {key: "int32" if variant == "set_fake" else "zip" for key in keys}
     return variant, f"child_encodings {encodings!r} -> {{...: {'int32' if variant == 'set_fake' else 'zip'}}}"
+
+
+def mutate_child_encoded_lengths(draw: Draw, ws: Workspace) -> tuple[str, str]:
+    """The lengths of gap16x streams (only the sources that have one record any)."""
+    lengths = ws.config.get("child_encoded_lengths")
+    if isinstance(lengths, dict) and lengths:
+        variant = draw.choice(["plus_one", "minus_one", "huge", "negative", "float", "string", "null_entry",
+                               "delete_entry", "add_entry", "all_null", "all_empty"])
+        key = draw.choice(sorted(lengths))
+        old = lengths[key]
+        number = old if isinstance(old, int) else 0
+        if variant in ("plus_one", "minus_one"):
+            lengths[key] = number + (1 if variant == "plus_one" else -1)
+        elif variant == "huge":
+            lengths[key] = draw.choice([10**12, 2**64])
+        elif variant == "negative":
+            lengths[key] = -1
+        elif variant == "float":
+            lengths[key] = number + 0.5
+        elif variant == "string":
+            lengths[key] = str(old)
+        elif variant == "null_entry":
+            lengths[key] = None
+        elif variant == "delete_entry":
+            del lengths[key]
+        elif variant == "add_entry":  # a length for a tensor of a fixed-length encoding
+            key = draw.choice(sorted(set(ws.source.config.get("child_sizes") or {}) - set(lengths)) or ["no.such"])
+            lengths[key] = 5
+        else:
+            ws.config["child_encoded_lengths"] = None if variant == "all_null" else {}
+        new = ws.config["child_encoded_lengths"] if variant.startswith("all") else lengths.get(key, "<deleted>")
+        return variant, f"{key}: {old!r} -> {new!r}"
+    keys = sorted(ws.source.config.get("child_sizes") or _tuned_tensor_keys(ws.source))
+    variant = draw.choice(["set_for_one", "set_string"])
+    ws.config["child_encoded_lengths"] = {keys[0]: 5} if variant == "set_for_one" and keys else "many"
+    return variant, f"child_encoded_lengths {lengths!r} -> {_short(ws.config['child_encoded_lengths'])}"
 
 
 def mutate_base_fingerprint(draw: Draw, ws: Workspace) -> tuple[str, str]:
@@ -736,6 +787,43 @@ def set_values(draw: Draw, ws: Workspace) -> tuple[str, str]:
     ws.set_tensor(key, flat.reshape(tensor.shape))
     where = "[all]" if how_many == "all" else f"[{index}]"
     return f"{_role(key)}:{special}", f"{key}{where} = {special}"
+
+
+def mutate_gap_stream(draw: Draw, ws: Workspace) -> tuple[str, str]:
+    """Edit a stream of 16-bit gaps (gap16, or gap16x: the gaps, then a triple (index high, index low, count) per
+    wide gap; one of those where there is one) as a writer with a bug could."""
+    streams = {key: tensor for key, tensor in sorted(ws.tensors.items())
+               if "positions" in key and tensor.dtype == torch.uint16 and tensor.dim() == 1 and tensor.numel()}
+    if not streams:
+        return "nothing", "no 16-bit gap stream"
+    sizes = {key: ws.tensors[key.replace("positions", "values")].numel()
+             if key.replace("positions", "values") in ws.tensors else streams[key].numel() for key in streams}
+    key = draw.choice([key for key in streams if streams[key].numel() > sizes[key]] or list(streams))
+    words, size = streams[key].to(torch.int32), min(sizes[key], streams[key].numel())
+    wide = (words.numel() - size) // 3
+    variant = draw.choice(["zero_gap", "drop_last_word", "append_triple", "swap_adjacent", "widen_last_gap"]
+                          + (["zero_count", "bump_count"] if wide else []))
+    index = draw.integer(0, size - 1)
+    if variant == "zero_gap":  # a duplicated position: never a valid stream
+        words = words.index_fill(0, torch.tensor([index]), 0)
+    elif variant == "zero_count":  # a wide gap of count 0: never a valid stream
+        words = words.index_fill(0, torch.tensor([size + 3 * draw.integer(0, wide - 1) + 2]), 0)
+    else:  # may leave a valid stream of another child network: re-signed, a valid adapter (see SIGNINGS)
+        ws.signing = "stale"
+        if variant == "drop_last_word":
+            words = words[:-1]
+        elif variant == "append_triple":
+            words = torch.cat([words, torch.tensor([index >> 16, index & 0xFFFF, 1], dtype=words.dtype)])
+        elif variant == "swap_adjacent" and words.numel() > 1:
+            index = min(index, words.numel() - 2)
+            words = torch.cat([words[:index], words[index + 1:index + 2], words[index:index + 1], words[index + 2:]])
+        elif variant == "widen_last_gap":
+            words = words.index_fill(0, torch.tensor([size - 1]), (1 << 16) - 1)
+        elif variant == "bump_count":
+            where = size + 3 * draw.integer(0, wide - 1) + 2
+            words = words.index_fill(0, torch.tensor([where]), min(int(words[where]) + 1, (1 << 16) - 1))
+    ws.set_tensor(key, words.to(torch.uint16))
+    return variant, f"{key}[{index}] ({size} gaps, {wide} wide)"
 
 
 def mutate_metadata(draw: Draw, ws: Workspace) -> tuple[str, str]:
@@ -977,6 +1065,7 @@ class Kind:
 KINDS = [
     Kind("cfg_child_sizes", 0, mutate_child_sizes, 2),
     Kind("cfg_child_encodings", 0, mutate_child_encodings),
+    Kind("cfg_child_encoded_lengths", 0, mutate_child_encoded_lengths),
     Kind("cfg_base_fingerprint", 0, mutate_base_fingerprint),
     Kind("cfg_field_edit", 0, mutate_config_field, 3),
     Kind("cfg_field_delete", 0, delete_config_field, 2),
@@ -987,6 +1076,8 @@ KINDS = [
     Kind("t_retype", 1, retype_tensor, 2),
     Kind("t_resize", 1, resize_tensor),
     Kind("t_values", 1, set_values, 2),
+    Kind("t_gap_stream", 1, mutate_gap_stream, 2,
+         lambda source: any(tensor.dtype == torch.uint16 for tensor in source.tensors.values())),
     Kind("t_metadata", 1, mutate_metadata),
     Kind("h_dtype", 2, header_dtype),
     Kind("h_shape", 2, header_shape),
@@ -1007,7 +1098,7 @@ def draw_case(draw: Draw, source: Source, loaders: list[str], min_mutations: int
     """Draw a loader and 1-3 mutations, and apply them (in stage order) to a copy of the source's files."""
     loader = draw.choice(loaders)
     count = draw.integer(min_mutations, max_mutations)
-    pool = kinds or _WEIGHTED_KINDS
+    pool = [name for name in kinds or _WEIGHTED_KINDS if KINDS_BY_NAME[name].applies_to(source)] or kinds
     names = sorted((draw.choice(pool) for _ in range(count)), key=lambda name: (KINDS_BY_NAME[name].stage, name))
     ws = Workspace(source)
     rewrites_tensors = any(KINDS_BY_NAME[name].stage == 1 and name != "t_metadata" for name in names)

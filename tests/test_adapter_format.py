@@ -42,12 +42,25 @@ from peft_childtuning.sparse_format import (
     save_with_checksums,
 )
 
-from conftest import ARCHS, child_layers, peft_model, positions_of, tiny_bert, trainable_parameters
+from conftest import (
+    ARCHS,
+    WIDE_GAP_KEY,
+    WIDE_INTERMEDIATE,
+    child_layers,
+    give_wide_gaps,
+    peft_model,
+    positions_of,
+    tiny_bert,
+    train_steps,
+    trainable_parameters,
+    wide_bert,
+    wide_gap_positions,
+)
 
 BERT = ARCHS["bert"]
 SAVED_PREFIX = "base_model.model."
 VALUES, POSITIONS = "childtuning_values", "childtuning_positions"
-ENCODED_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16}
+ENCODED_DTYPES = {"bitmap": torch.uint8, "int32": torch.int32, "gap16": torch.uint16, "gap16x": torch.uint16}
 GAP16_MAX = (1 << 16) - 1
 BYTES_PER_VALUE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -107,12 +120,31 @@ def data_bytes(entry: dict) -> int:
     return entry["data_offsets"][1] - entry["data_offsets"][0]
 
 
+def gaps_of(positions: torch.Tensor) -> torch.Tensor:
+    return torch.diff(positions, prepend=positions.new_full((1,), -1))
+
+
 def valid_encodings(positions: torch.Tensor, numel: int) -> list[str]:
     """Every encoding that can represent these sorted positions (gap16 only where each gap fits in 16 bits)."""
-    candidates = ["bitmap", "int32"]
-    if positions.numel() and int(torch.diff(positions, prepend=positions.new_full((1,), -1)).max()) <= GAP16_MAX:
+    candidates = ["bitmap", "int32", "gap16x"]
+    if positions.numel() and int(gaps_of(positions).max()) <= GAP16_MAX:
         candidates.append("gap16")
     return candidates
+
+
+def gap16x_length(positions: torch.Tensor) -> int:
+    """The words of a gap16x stream, counted apart from the encoder: one per position, and three per gap wider than
+    16 bits."""
+    return positions.numel() + 3 * int((gaps_of(positions) > GAP16_MAX).sum())
+
+
+def recorded_length(positions: torch.Tensor, encoding: str) -> Optional[int]:
+    """What the config records of an encoding's length: a gap16x stream's, nothing for the others."""
+    return gap16x_length(positions) if encoding == "gap16x" else None
+
+
+def encoded_size(positions: torch.Tensor, numel: int, encoding: str) -> int:
+    return encoded_bytes(numel, positions.numel(), encoding, recorded_length(positions, encoding))
 
 
 def file_key(tensor_key: str, container: str) -> str:
@@ -228,10 +260,12 @@ def test_mode_d_file_holds_positions_and_values_in_weight_dtype(bert_dirs, tmp_p
         assert torch.equal(values, layer.childtuning_values["default"].detach().to(dtype)), tensor_key
         # positions: in the declared encoding, decoding to the layer's child network
         assert encoded.dtype == ENCODED_DTYPES[encoding], tensor_key
-        positions = decode_positions(encoded, weight.numel(), size, encoding, tensor_key)
+        recorded = (config.child_encoded_lengths or {}).get(tensor_key)
+        positions = decode_positions(encoded, weight.numel(), size, encoding, tensor_key, recorded)
         assert torch.equal(positions, positions_of(layer)), tensor_key
         # the smallest encoding that can hold them
-        smallest = min(encoded_bytes(weight.numel(), size, name) for name in valid_encodings(positions, weight.numel()))
+        numel = weight.numel()
+        smallest = min(encoded_size(positions, numel, name) for name in valid_encodings(positions, numel))
         assert encoded.numel() * encoded.element_size() == smallest, (tensor_key, encoding)
         assert encoded.numel() * encoded.element_size() <= min((weight.numel() + 7) // 8, 4 * size)
     # modules_to_save (the classifier) whole; nothing else: no base weights
@@ -289,7 +323,11 @@ def test_file_size_bound(tmp_path, reserve_p, dtype):
     assert size <= bound, f"{size} bytes > bound {bound:.0f}"
     # exact accounting: the tensors hold the values, the chosen encodings and modules_to_save, nothing more
     k = sum(config.child_sizes.values())
-    chosen = sum(encoded_bytes(numels[key], config.child_sizes[key], config.child_encodings[key]) for key in numels)
+    lengths = config.child_encoded_lengths or {}
+    chosen = sum(
+        encoded_bytes(numels[key], config.child_sizes[key], config.child_encodings[key], lengths.get(key))
+        for key in numels
+    )
     modules_to_save = sum(
         data_bytes(entry) for key, entry in header.items() if VALUES not in key and POSITIONS not in key
     )
@@ -339,30 +377,45 @@ def child_networks(draw, max_numel: int = 3000, max_size: int = 400):
 
 @st.composite
 def sparse_child_networks(draw):
-    """Big tensors with few entries: gaps that may not fit in 16 bits."""
-    numel = draw(st.integers(1, 400_000))
+    """Big tensors with few entries: gaps that may not fit in 16 bits, some many times over."""
+    numel = draw(st.sampled_from([400_000, 3_000_000]))
+    numel = draw(st.integers(1, numel))
     return numel, _sorted_positions(draw, numel, 40)
 
 
-@settings(max_examples=150, deadline=None)
-@given(network=st.one_of(child_networks(), sparse_child_networks()))
+@st.composite
+def clustered_child_networks(draw):
+    """Clusters of nearby entries far apart: a few wide gaps among many narrow ones (where gap16x is smallest)."""
+    clusters = draw(st.lists(st.tuples(st.integers(0, 2_000_000), st.integers(1, 50), st.integers(1, 40)),
+                             min_size=1, max_size=5))
+    chosen = sorted({start + step * i for start, count, step in clusters for i in range(count)})
+    return chosen[-1] + draw(st.integers(1, 70_000)), torch.tensor(chosen, dtype=torch.int64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(network=st.one_of(child_networks(), sparse_child_networks(), clustered_child_networks()))
 def test_decode_round_trips_every_encoding(network):
     numel, positions = network
     size = positions.numel()
     valid = valid_encodings(positions, numel)
     for encoding in valid:
         encoded = encode_positions(positions, numel, encoding)
+        recorded = recorded_length(positions, encoding)
         assert encoded.dtype == ENCODED_DTYPES[encoding]
-        assert encoded.numel() * encoded.element_size() == encoded_bytes(numel, size, encoding)
-        decoded = decode_positions(encoded, numel, size, encoding, "t")
+        assert encoded.numel() * encoded.element_size() == encoded_bytes(numel, size, encoding, recorded)
+        decoded = decode_positions(encoded, numel, size, encoding, "t", recorded)
         assert decoded.dtype == torch.int64 and torch.equal(decoded, positions), encoding
         # what an inference merge keeps for unmerge: the encoded tensor itself, expanded when unmerging
-        assert torch.equal(expand_positions(encoded), positions), encoding
+        assert torch.equal(expand_positions(encoded, size), positions), encoding
+    # a stream without wide gaps is gap16's, word for word
+    if "gap16" in valid:
+        assert torch.equal(encode_positions(positions, numel, "gap16x"), encode_positions(positions, numel, "gap16"))
     chosen = choose_encoding(positions, numel)
     assert chosen in valid
-    assert encoded_bytes(numel, size, chosen) == min(encoded_bytes(numel, size, name) for name in valid)
+    assert encoded_size(positions, numel, chosen) == min(encoded_size(positions, numel, name) for name in valid)
+    assert chosen != "gap16x" or "gap16" not in valid  # gap16x only where a gap is wide: old files' encodings kept
     # the placeholder a loader fills has the shape and dtype of the real encoding
-    holder = placeholder(numel, size, chosen)
+    holder = placeholder(numel, size, chosen, recorded=recorded_length(positions, chosen))
     real = encode_positions(positions, numel, chosen)
     assert holder.dtype == real.dtype and holder.shape == real.shape
 
@@ -374,15 +427,30 @@ def test_decoded_positions_are_int32_until_a_tensor_outgrows_it():
     assert index_dtype(2**31) == torch.int64
 
 
-def test_gap16_not_chosen_when_a_gap_exceeds_16_bits():
-    positions = torch.tensor([0, 70_000, 70_001])
-    assert choose_encoding(positions, 400_000) == "int32"
-    assert decode_positions(encode_positions(positions, 400_000, "int32"), 400_000, 3, "int32", "t").tolist() == [
-        0, 70_000, 70_001]
-    # the largest gap that fits
-    positions = torch.tensor([GAP16_MAX - 1, 2 * GAP16_MAX - 1])
-    encoded = encode_positions(positions, 300_000, "gap16")
-    assert torch.equal(decode_positions(encoded, 300_000, 2, "gap16", "t"), positions)
+def test_a_gap_over_16_bits_costs_three_words_not_the_whole_tensor():
+    positions = torch.tensor([0, 70_000, 70_001, 70_002])
+    assert choose_encoding(positions, 400_000) == "gap16x"
+    encoded = encode_positions(positions, 400_000, "gap16x")
+    # gap 1 (70,000) = 4,465 + 1 x 65,535: its remainder in place, then (index 1 // 65536, 1 % 65536, count 1);
+    # 14 bytes where int32 takes 16
+    assert encoded.tolist() == [1, 70_000 - GAP16_MAX, 1, 1, 0, 1, 1]
+    assert decode_positions(encoded, 400_000, 4, "gap16x", "t", 7).tolist() == [0, 70_000, 70_001, 70_002]
+    # the widest gap a remainder holds alone, the narrowest that is wide (remainder 1), a wide gap past index 65,535
+    positions = torch.tensor([GAP16_MAX - 1, 2 * GAP16_MAX - 1, 3 * GAP16_MAX])
+    assert encode_positions(positions, 300_000, "gap16x").tolist() == [GAP16_MAX, GAP16_MAX, 1, 0, 2, 1]
+    positions = torch.cat([torch.arange(70_000), torch.tensor([70_000 + 5 * GAP16_MAX])])
+    encoded = encode_positions(positions, 500_000, "gap16x")
+    assert encoded[-3:].tolist() == [1, 70_000 - (1 << 16), 5] and encoded[70_000] == 1
+    assert torch.equal(decode_positions(encoded, 500_000, 70_001, "gap16x", "t", 70_004), positions)
+    # one wide gap among two positions costs more than int32 positions: int32
+    assert choose_encoding(torch.tensor([0, 300_000]), 400_000) == "int32"
+    # the widest gap gap16x holds (remainder and count 65,535), and one wider, which it refuses to encode
+    widest = GAP16_MAX * (GAP16_MAX + 1)
+    assert encode_positions(torch.tensor([widest - 1]), widest, "gap16x").tolist() == [GAP16_MAX, 0, 0, GAP16_MAX]
+    with pytest.raises(AdapterFormatError, match="wider than gap16x holds"):
+        encode_positions(torch.tensor([widest]), widest + 1, "gap16x")
+    # a dense child: the bitmap
+    assert choose_encoding(torch.arange(0, 400_000, 4), 400_000) == "bitmap"
 
 
 def test_bitmap_bit_order_is_little_endian():
@@ -397,10 +465,12 @@ def _corrupt(encoded: torch.Tensor, flips: list[tuple[int, int]]) -> torch.Tenso
     return raw.view(encoded.dtype)
 
 
-def _decode_is_safe(encoded: torch.Tensor, numel: int, size: int, encoding: str) -> bool:
+def _decode_is_safe(
+    encoded: torch.Tensor, numel: int, size: int, encoding: str, recorded: Optional[int] = None
+) -> bool:
     """decode_positions either raises AdapterFormatError or returns a valid child network; True if it raised."""
     try:
-        positions = decode_positions(encoded, numel, size, encoding, "t")
+        positions = decode_positions(encoded, numel, size, encoding, "t", recorded)
     except AdapterFormatError:
         return True
     assert_valid_positions(positions, numel, size)
@@ -409,7 +479,7 @@ def _decode_is_safe(encoded: torch.Tensor, numel: int, size: int, encoding: str)
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    network=st.one_of(child_networks(max_numel=600, max_size=120), sparse_child_networks()),
+    network=st.one_of(child_networks(max_numel=600, max_size=120), sparse_child_networks(), clustered_child_networks()),
     encoding=st.sampled_from(ENCODINGS),
     flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=4),
 )
@@ -420,7 +490,7 @@ def test_corrupted_encoding_raises_or_decodes_to_a_valid_set(network, encoding, 
     encoded = encode_positions(positions, numel, encoding)
     if encoded.numel() == 0:
         return
-    _decode_is_safe(_corrupt(encoded, flips), numel, positions.numel(), encoding)
+    _decode_is_safe(_corrupt(encoded, flips), numel, positions.numel(), encoding, encoded.numel())
 
 
 @settings(max_examples=300, deadline=None)
@@ -428,13 +498,28 @@ def test_corrupted_encoding_raises_or_decodes_to_a_valid_set(network, encoding, 
 def test_arbitrary_bytes_raise_or_decode_to_a_valid_set(data, numel, size, encoding):
     """Any bytes of the declared shape, for any declared child size (even one larger than the tensor)."""
     length = (numel + 7) // 8 if encoding == "bitmap" else size
-    itemsize = {"bitmap": 1, "int32": 4, "gap16": 2}[encoding]
+    itemsize = ENCODED_DTYPES[encoding].itemsize
     raw = data.draw(st.binary(min_size=length * itemsize, max_size=length * itemsize))
     encoded = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(ENCODED_DTYPES[encoding]) if raw else (
         torch.empty(0, dtype=ENCODED_DTYPES[encoding]))
-    raised = _decode_is_safe(encoded, numel, size, encoding)
+    raised = _decode_is_safe(encoded, numel, size, encoding, length)
     if size > numel:
         assert raised, "more child entries than tensor entries cannot be a valid child network"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    numel=st.integers(1, 1_000_000),
+    size=st.integers(0, 40),
+    words=st.lists(st.one_of(st.just(0), st.integers(1, GAP16_MAX), st.just(GAP16_MAX)), max_size=60),
+    recorded_offset=st.sampled_from([0, 0, 0, -1, 1]),
+)
+def test_arbitrary_gap16x_streams_raise_or_decode_to_a_valid_set(numel, size, words, recorded_offset):
+    """Any 16-bit words, zeros often, for any declared size and a recorded length that may disagree."""
+    encoded = torch.tensor(words, dtype=torch.int32).to(torch.uint16)
+    raised = _decode_is_safe(encoded, numel, size, "gap16x", len(words) + recorded_offset)
+    if recorded_offset or len(words) < size or (len(words) - size) % 3 or 0 in words[:size]:
+        assert raised, "a stream of the wrong length, with a zero gap, or a wide gap cut short cannot decode"
 
 
 @settings(max_examples=100, deadline=None)
@@ -447,7 +532,7 @@ def test_wrong_declared_size_is_rejected(network, encoding, delta):
         return
     encoded = encode_positions(positions, numel, encoding)
     with pytest.raises(AdapterFormatError):
-        decode_positions(encoded, numel, size + delta, encoding, "t")
+        decode_positions(encoded, numel, size + delta, encoding, "t", encoded.numel())
 
 
 @pytest.mark.parametrize(
@@ -483,6 +568,33 @@ def test_decode_rejects_bad_positions(values, encoding, message):
     encoded = torch.tensor(values, dtype=ENCODED_DTYPES[encoding])
     with pytest.raises(AdapterFormatError, match=message):
         decode_positions(encoded, 16, 3, encoding, "t")
+
+
+VALID_GAP16X = [1, 70_000 - GAP16_MAX, 1, 1, 0, 1, 1]  # [0, 70_000, 70_001, 70_002]
+
+
+@pytest.mark.parametrize(
+    "words, numel, recorded, message",
+    [
+        (VALID_GAP16X, 400_000, None, "records None"),  # no length recorded
+        (VALID_GAP16X, 400_000, 10, "uint16\\[10\\]"),  # the config's length is not the stream's
+        (VALID_GAP16X, 100_000, 10, "4 to 7 words"),  # a length no child of 4 in 100,000 entries can need
+        (VALID_GAP16X, 400_000, 3, "4 to 16 words"),  # shorter than one word per position
+        ([1, 0, 1, 1, 0, 1, 1], 400_000, 7, "duplicated"),  # a zero gap
+        ([1, 4465, 1, 1, 0, 1], 400_000, 6, "truncated escape"),  # a wide gap's triple cut short
+        ([1, 4465, 1, 1, 0, 1, 0], 400_000, 7, "count 0"),  # a zero wide gap
+        ([1, 4465, 1, 1, 0, 4, 1], 400_000, 7, "beyond"),  # a wide gap past the last gap
+        ([1, 4465, 1, 1, 0, 1, 1, 0, 1, 1], 400_000, 10, "twice"),  # one gap made wide twice
+        ([1, 4465, 1, 1, 0, 2, 1, 0, 1, 1], 400_000, 10, "out of order"),  # wide gaps unsorted
+        ([1, 4465, 1, 1, 0, 1, 2], 135_000, 7, "out of range"),  # a count carrying it past the end
+        (VALID_GAP16X, 70_002, 7, "out of range"),  # the last position is the tensor's size
+    ],
+)
+def test_decode_rejects_bad_gap16x_streams(words, numel, recorded, message):
+    encoded = torch.tensor(words, dtype=torch.int32).to(torch.uint16)
+    with pytest.raises(AdapterFormatError, match=message) as caught:
+        decode_positions(encoded, numel, 4, "gap16x", "the.tensor", recorded)
+    assert str(caught.value).startswith("the.tensor: ")
 
 
 def test_decode_rejects_bitmap_padding_bits_and_wrong_popcount():
@@ -532,13 +644,20 @@ FV, FP = file_key(TKEY, VALUES), file_key(TKEY, POSITIONS)
 HEAD = f"{SAVED_PREFIX}classifier.weight"
 
 
-def reencode(sd: dict, cfg: dict, encoding: str) -> torch.Tensor:
-    """Re-encode TKEY's positions (tensor and config together): a valid file in another encoding."""
-    size = cfg["child_sizes"][TKEY]
-    positions = decode_positions(sd[FP], TNUMEL, size, cfg["child_encodings"][TKEY], TKEY)
-    sd[FP] = encode_positions(positions, TNUMEL, encoding)
-    cfg["child_encodings"][TKEY] = encoding
-    return sd[FP]
+def reencode(sd: dict, cfg: dict, encoding: str, key: str = TKEY, numel: int = TNUMEL) -> torch.Tensor:
+    """Re-encode one tensor's positions (tensor and config together): a valid file in another encoding."""
+    positions_key = file_key(key, POSITIONS)
+    lengths = cfg.get("child_encoded_lengths") or {}
+    positions = decode_positions(
+        sd[positions_key], numel, cfg["child_sizes"][key], cfg["child_encodings"][key], key, lengths.get(key)
+    )
+    sd[positions_key] = encode_positions(positions, numel, encoding)
+    cfg["child_encodings"][key] = encoding
+    lengths = {name: length for name, length in lengths.items() if name != key}
+    if encoding == "gap16x":
+        lengths[key] = sd[positions_key].numel()
+    cfg["child_encoded_lengths"] = lengths or None
+    return sd[positions_key]
 
 
 def _set(sd, key, index, value):
@@ -823,3 +942,212 @@ def test_rejected_file_leaves_the_base_model_working(bert_dirs, tmp_path, name, 
         f"the base model computes different outputs after a rejected adapter file "
         f"(max diff {(after - before).abs().max().item():.3g})"
     )
+
+
+# ------------------------------------------------------------------------------------------------ 6. wide gaps
+WKEY = WIDE_GAP_KEY
+WNUMEL = WIDE_INTERMEDIATE * 32
+WV, WP = file_key(WKEY, VALUES), file_key(WKEY, POSITIONS)
+WSIZE, WWORDS = 256, 256 + 3 * 3  # wide_gap_positions: 256 entries, three wide gaps (a triple each)
+
+
+def wide_adapter(base: torch.nn.Module, encoding: Optional[str] = None, out_dir: Optional[str] = None):
+    """A Fisher mode-"d" adapter of the wide BERT (reserve_p 0.01) whose WKEY child is then `wide_gap_positions`,
+    in `encoding` (the smallest, gap16x, by default), trained three AdamW steps."""
+    torch.manual_seed(0)
+    model = peft_model(base, mode="d", reserve_p=0.01, seed=3, task_type="SEQ_CLS")
+    model.detect_child_network(BERT.batches(2, seed=20), progress=False)
+    give_wide_gaps(model, encoding)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    train_steps(model, optimizer, BERT.batches(3, seed=21))
+    model.eval()
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+    return model
+
+
+@pytest.fixture(scope="module")
+def wide_dirs(bert_dirs):
+    """The wide BERT saved to disk, and the adapter with a few wide gaps (gap16x) and its int32 twin."""
+    root = bert_dirs["root"]
+    base_dir = str(root / "wide_base")
+    wide_bert(seed=0).save_pretrained(base_dir)
+    dirs = {"base": base_dir, "gap16x": str(root / "wide_gap16x"), "int32": str(root / "wide_int32")}
+    expected = {}
+    for encoding in ("gap16x", "int32"):
+        model = wide_adapter(load_base(base_dir), None if encoding == "gap16x" else encoding, dirs[encoding])
+        with torch.no_grad():
+            expected[encoding] = model(**bert_dirs["batch"]).logits
+    assert torch.equal(expected["gap16x"], expected["int32"])
+    return {**dirs, "batch": bert_dirs["batch"], "expected": expected["gap16x"]}
+
+
+def test_wide_gaps_cost_words_not_the_whole_tensor(wide_dirs):
+    """A tensor whose child has three gaps over 16 bits is stored as 16-bit gaps and three triples: about half its
+    int32 size (before, one wide gap turned the whole tensor into int32), and the file smaller by as much."""
+    with open(os.path.join(wide_dirs["gap16x"], "adapter_config.json")) as handle:
+        config = json.load(handle)
+    positions = wide_gap_positions()
+    size = positions.numel()
+    assert size == WSIZE and config["child_encodings"][WKEY] == "gap16x"
+    assert config["child_encoded_lengths"] == {WKEY: WWORDS}  # only the variable-length encoding records one
+    saved = load_file(os.path.join(wide_dirs["gap16x"], "adapter_model.safetensors"))
+    twin = load_file(os.path.join(wide_dirs["int32"], "adapter_model.safetensors"))
+    assert saved[WP].dtype == torch.uint16 and saved[WP].numel() == WWORDS == gap16x_length(positions)
+    gap16x_bytes, int32_bytes = 2 * WWORDS, 4 * size
+    assert twin[WP].numel() * 4 == int32_bytes and gap16x_bytes < int32_bytes < (WNUMEL + 7) // 8
+    sizes = {name: os.path.getsize(os.path.join(wide_dirs[name], "adapter_model.safetensors"))
+             for name in ("gap16x", "int32")}
+    # the same tensors otherwise; the header's dtype names and checksums differ by a few bytes at most
+    assert abs((sizes["int32"] - sizes["gap16x"]) - (int32_bytes - gap16x_bytes)) <= 16, sizes
+    print(f"\n[gap16x] {size} child entries in {WNUMEL} with 3 wide gaps: positions {gap16x_bytes} B as gap16x, "
+          f"{int32_bytes} B as int32, {(WNUMEL + 7) // 8} B as a bitmap; files {sizes['gap16x']} / {sizes['int32']} B")
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "low_cpu_mem_usage", "load_adapter", "transformers"])
+def test_wide_gaps_load_bit_identically_with_every_loader(wide_dirs, loader):
+    base = load_base(wide_dirs["base"])
+    if loader == "from_pretrained":
+        model = PeftModel.from_pretrained(base, wide_dirs["gap16x"])
+    elif loader == "low_cpu_mem_usage":
+        model = PeftModel.from_pretrained(base, wide_dirs["gap16x"], low_cpu_mem_usage=True)
+    elif loader == "load_adapter":  # beside an adapter already loaded and merged, then switched to
+        model = PeftModel.from_pretrained(base, wide_dirs["int32"])
+        model.load_adapter(wide_dirs["gap16x"], adapter_name="wide")
+        model.set_adapter("wide")
+    else:
+        base.load_adapter(wide_dirs["gap16x"])
+        model = base
+    with torch.no_grad():
+        assert torch.equal(model(**wide_dirs["batch"]).logits, wide_dirs["expected"])
+    layer = next(layer for layer in child_layers(model).values() if layer.tensor_key("weight") == WKEY)
+    adapter = "wide" if loader == "load_adapter" else "default"
+    assert torch.equal(positions_of(layer, adapter).long(), wide_gap_positions())
+
+
+def test_an_adapter_awaiting_its_fisher_pass_adopts_a_gap16x_checkpoint(wide_dirs, tmp_path):
+    """A Trainer resuming loads its checkpoint into an adapter without a child network: the stream is adopted as it
+    is (told from gap16 by its length), its length recorded, and the adapter saves the same file again."""
+    model = peft_model(load_base(wide_dirs["base"]), mode="d", reserve_p=0.01, seed=3, task_type="SEQ_CLS")
+    model.load_adapter(wide_dirs["gap16x"], adapter_name="default", is_trainable=True)
+    config = model.peft_config["default"]
+    assert config.child_encodings[WKEY] == "gap16x" and config.child_encoded_lengths == {WKEY: WWORDS}
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**wide_dirs["batch"]).logits, wide_dirs["expected"])
+    model.save_pretrained(str(tmp_path))
+    assert load_file(os.path.join(tmp_path, "adapter_model.safetensors"))[WP].tolist() == load_file(
+        os.path.join(wide_dirs["gap16x"], "adapter_model.safetensors"))[WP].tolist()
+
+
+def test_wide_gaps_train_exactly_as_int32_positions(wide_dirs):
+    """Forward and backward with gap16x positions (expanded from the stream the layer holds, nothing else) are those
+    with int32 positions: the same values and outputs, bit for bit, after training."""
+    models = {encoding: wide_adapter(load_base(wide_dirs["base"]), encoding) for encoding in ("gap16x", "int32")}
+    layers = {name: next(layer for layer in child_layers(model).values() if layer.tensor_key("weight") == WKEY)
+              for name, model in models.items()}
+    assert layers["gap16x"].childtuning_spec["default"].encodings["weight"] == "gap16x"
+    # what the layer holds for training forwards is the encoded stream itself: about 2 bytes per child entry
+    held = layers["gap16x"]._held_positions("default", "weight")
+    assert held is layers["gap16x"].childtuning_positions["default"] and held.dtype == torch.uint16
+    trained = {name: trainable_parameters(model) for name, model in models.items()}
+    assert len(trained["gap16x"]) == len(trained["int32"])
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(trained["gap16x"], trained["int32"]))
+    with torch.no_grad():
+        assert torch.equal(models["gap16x"](**wide_dirs["batch"]).logits, models["int32"](**wide_dirs["batch"]).logits)
+
+
+def _wide_stream(edit: Callable[[torch.Tensor], torch.Tensor], record: bool = False):
+    """Edit WKEY's gap16x stream; `record`: and its length in the config, so that only the stream's own checks
+    can catch it."""
+    def apply(sd, cfg):
+        sd[WP] = edit(sd[WP].to(torch.int32)).to(torch.uint16)
+        if record:
+            cfg["child_encoded_lengths"][WKEY] = sd[WP].numel()
+    return apply
+
+
+def _wide_lengths(edit: Callable[[dict], None]):
+    def apply(sd, cfg):
+        edit(cfg.setdefault("child_encoded_lengths", {}) if cfg.get("child_encoded_lengths") is not None else cfg)
+    return apply
+
+
+def _triple(index: int, count: int) -> torch.Tensor:
+    return torch.tensor([index >> 16, index & GAP16_MAX, count], dtype=torch.int32)
+
+
+WIDE_BAD_FILES = [
+    BadFile("stream_wide_remainder_zeroed", _wide_stream(lambda s: s.index_fill(0, torch.tensor([64]), 0)),
+            match="duplicated"),
+    BadFile("stream_wide_gap_dropped", _wide_stream(lambda s: s[:-3]), match="child_encoded_lengths records"),
+    BadFile("stream_wide_gap_added", _wide_stream(lambda s: torch.cat([s, _triple(5, 1)])),
+            match="child_encoded_lengths records"),
+    BadFile("stream_truncated_escape", _wide_stream(lambda s: s[:-1], record=True), match="truncated escape"),
+    BadFile("stream_zero_wide_gap", _wide_stream(lambda s: s.index_fill(0, torch.tensor([s.numel() - 1]), 0)),
+            match="count 0"),
+    BadFile("stream_wide_gaps_unsorted", _wide_stream(lambda s: torch.cat([s[:WSIZE], s[WSIZE + 3:], s[WSIZE:][:3]])),
+            match="out of order"),
+    BadFile("stream_wide_gap_beyond", _wide_stream(lambda s: torch.cat([s[:-3], _triple(WSIZE, 1)])),
+            match="beyond"),
+    BadFile("stream_past_the_end", _wide_stream(lambda s: s.index_fill(0, torch.tensor([WSIZE - 1]), GAP16_MAX)),
+            match="out of range"),
+    BadFile("stream_longer_than_any_child", _wide_stream(lambda s: torch.cat([s, _triple(7, 1)]), record=True),
+            match=f"{WSIZE} to {WWORDS} words"),
+    BadFile("config_length_plus_one", _wide_lengths(lambda lengths: lengths.__setitem__(WKEY, lengths[WKEY] + 1)),
+            match="child_encoded_lengths records"),
+    BadFile("config_length_minus_one", _wide_lengths(lambda lengths: lengths.__setitem__(WKEY, lengths[WKEY] - 1)),
+            match="child_encoded_lengths records"),
+    BadFile("config_length_huge", _wide_lengths(lambda lengths: lengths.__setitem__(WKEY, 10**12)),
+            match="child_encoded_lengths records"),
+    BadFile("config_length_missing", _wide_lengths(lambda lengths: lengths.pop(WKEY)), names_tensor=False,
+            match="child_encoded_lengths"),
+    BadFile("config_encoding_int32", lambda sd, cfg: cfg["child_encodings"].__setitem__(WKEY, "int32"),
+            names_tensor=False, match="child_encoded_lengths"),
+    BadFile("stream_as_int16", lambda sd, cfg: sd.update({WP: sd[WP].view(torch.int16)})),
+]
+WIDE_BAD_BY_NAME = {bad.name: bad for bad in WIDE_BAD_FILES}
+
+
+def check_wide_error(bad: BadFile, error: BaseException) -> None:
+    message = str(error)
+    assert isinstance(error, AdapterFormatError) and "(the model was left unchanged)" in message, message
+    if bad.match is not None:
+        assert re.search(bad.match, message), f"{bad.name}: unclear message {message!r}"
+    if bad.names_tensor:
+        assert WKEY.removesuffix(".weight") in message, f"{bad.name}: the message does not name the tensor: {message!r}"
+
+
+@pytest.mark.parametrize("bad", WIDE_BAD_FILES, ids=[bad.name for bad in WIDE_BAD_FILES])
+def test_bad_wide_gap_file_refused_and_base_untouched(wide_dirs, tmp_path, bad):
+    path = craft({"d": wide_dirs["gap16x"]}, bad, str(tmp_path / bad.name))
+    base = load_base(wide_dirs["base"])
+    saved = snapshot(base)
+    with pytest.raises(AdapterFormatError) as caught:
+        PeftModel.from_pretrained(base, path)
+    check_wide_error(bad, caught.value)
+    assert_untouched(saved)
+
+
+@pytest.mark.parametrize("name", ["stream_wide_remainder_zeroed", "stream_wide_gap_dropped", "config_length_plus_one"])
+@pytest.mark.parametrize("loader", ["low_cpu_mem_usage", "load_adapter", "transformers"])
+def test_bad_wide_gap_file_refused_by_every_loader(wide_dirs, tmp_path, name, loader):
+    bad = WIDE_BAD_BY_NAME[name]
+    path = craft({"d": wide_dirs["gap16x"]}, bad, str(tmp_path / name))
+    if loader == "load_adapter":
+        model = PeftModel.from_pretrained(load_base(wide_dirs["base"]), wide_dirs["gap16x"])  # merged at load
+    else:
+        model = load_base(wide_dirs["base"])
+    saved = snapshot(model)
+    with pytest.raises(AdapterFormatError) as caught:
+        if loader == "low_cpu_mem_usage":
+            PeftModel.from_pretrained(model, path, low_cpu_mem_usage=True)
+        elif loader == "load_adapter":
+            model.load_adapter(path, adapter_name="bad")
+        else:
+            model.load_adapter(path)
+    check_wide_error(bad, caught.value)
+    assert_untouched(saved)
+    if loader == "load_adapter":
+        with torch.no_grad():
+            assert torch.equal(model(**wide_dirs["batch"]).logits, wide_dirs["expected"])

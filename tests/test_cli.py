@@ -25,7 +25,19 @@ from peft_childtuning.sparse_format import save_with_checksums
 from peft_childtuning.cli import main
 from peft_childtuning.sparse_format import encoded_bytes
 
-from conftest import ARCHS, REPO_ROOT, composed_weights, peft_model, tiny_bert, tiny_gpt2
+from conftest import (
+    ARCHS,
+    REPO_ROOT,
+    WIDE_GAP_KEY,
+    composed_weights,
+    give_wide_gaps,
+    peft_model,
+    rewrite_config,
+    tiny_bert,
+    tiny_gpt2,
+    wide_bert,
+    wide_gap_positions,
+)
 
 BERT, GPT2 = ARCHS["bert"], ARCHS["gpt2"]
 
@@ -153,6 +165,24 @@ def test_inspect_text_output(dirs, capsys):
         assert str(size) in line.split() and config.child_encodings[key] in line.split(), line
     with pytest.raises(json.JSONDecodeError):
         json.loads(out)
+
+
+def test_inspect_reports_gap16x_and_a_length_the_file_disagrees_with(tmp_path, capsys):
+    """A tensor stored as gap16x: its stream's bytes, and, where the config records another length, a problem."""
+    model = peft_model(wide_bert(), mode="d", reserve_p=0.01, task_type="SEQ_CLS")
+    model.detect_child_network(BERT.batches(2, seed=20), progress=False)
+    give_wide_gaps(model)
+    adapter_dir = str(tmp_path / "wide")
+    model.save_pretrained(adapter_dir)
+    words = wide_gap_positions().numel() + 3 * 3  # three wide gaps: a triple each
+    code, out, err = run(capsys, "inspect", adapter_dir, "--json")
+    assert code == 0, err
+    record = next(record for record in json.loads(out)["tensors"] if record["name"] == WIDE_GAP_KEY)
+    assert record["encoding"] == "gap16x" and record["position_bytes"] == 2 * words
+    rewrite_config(adapter_dir, lambda config: config["child_encoded_lengths"].__setitem__(WIDE_GAP_KEY, words + 1))
+    code, out, err = run(capsys, "inspect", adapter_dir)
+    assert code == 2
+    assert f"{WIDE_GAP_KEY}: the file's gap16x positions have {words} words" in err, err
 
 
 def test_inspect_mode_f(dirs, capsys):

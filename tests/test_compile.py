@@ -153,3 +153,26 @@ def test_mask_operator_is_opaque_to_compile_and_differentiable():
     assert torch.equal(masked.detach(), masked_gradient(grad.detach(), P, 4, 2, "k"))
     masked.sum().backward()
     assert torch.equal(grad.grad, masked_gradient(torch.ones_like(grad), P, 4, 2, "k"))
+
+
+def test_a_gap16x_child_network_compiles_into_one_graph_and_steps_as_eager():
+    """Gaps over 16 bits (a gap16x stream, expanded with a scatter-add of its wide gaps and a prefix sum): once
+    decoded, the training forward is one graph without a break, and compiled steps equal eager ones bit for bit."""
+    torch.manual_seed(0)
+    config = ChildTuningConfig(
+        mode="d", selection="random", reserve_p=3e-5, seed=3, init_weights=False, target_modules=["0"]
+    )
+    eager = get_peft_model(torch.nn.Sequential(torch.nn.Linear(512, 512)), config).train()
+    assert config.child_encodings == {"0.weight": "gap16x"}, config.child_encodings
+    x = torch.randn(5, 512)
+    explain(eager, x)  # decodes the positions, eagerly
+    explanation = explain(eager, x)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+    compiled_model = copy.deepcopy(eager)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, backend=counter)
+    for model in (eager, compiled):
+        model(x).square().mean().backward()
+    gradients = [[p.grad for p in trainable_parameters(m)] for m in (eager, compiled_model)]
+    assert all(torch.equal(a, b) for a, b in zip(*gradients)) and counter.frame_count == 1

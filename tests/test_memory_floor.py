@@ -74,6 +74,8 @@ def _held_bytes_per_child_entry(model: nn.Module, optimizer: torch.optim.Optimiz
 @pytest.mark.parametrize("reserve_p", [2e-5, 0.01, 0.05, 0.3, 0.8])
 def test_at_most_16_bytes_held_per_child_entry(reserve_p: float) -> None:
     model = _model(reserve_p)
+    if reserve_p == 2e-5:  # a few entries in 262,144: gaps over 16 bits, each tensor a gap16x stream
+        assert set(model.peft_config["default"].child_encodings.values()) == {"gap16x"}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     for _ in range(2):
         _train_step(model, optimizer)
@@ -96,24 +98,27 @@ def test_a_loaded_adapter_holds_no_validation_cache(tmp_path) -> None:
     "positions, numel",
     [
         (torch.tensor([0, 1, 2, 5, 9, 10]), 12),  # dense: bitmap, held as gaps
-        (torch.tensor([3, 70_000, 70_001]), 400_000),  # a gap over 16 bits: int32, its own cache
+        (torch.tensor([3, 70_000, 70_001, 70_002]), 400_000),  # a gap over 16 bits: gap16x, its own cache
+        (torch.tensor([0, 200_000]), 400_000),  # a wide gap's triple costs more than int32: int32, its own cache
         (torch.tensor([7, 65_541, 131_075]), 300_000),  # the widest gaps that fit: gap16, its own cache
         (torch.arange(0, 200_000, 3), 200_000),  # bitmap with a gap of 3, held as gaps
-        (torch.tensor([5, 100_000]), 100_001),  # bitmap forced below, held as int32 (a gap over 16 bits)
+        (torch.tensor([5, 100_000]), 100_001),  # bitmap forced below, held as a gap16x stream (a gap over 16 bits)
     ],
 )
 @pytest.mark.parametrize("encoding", [None, "bitmap"])
 def test_held_positions_expand_to_the_positions(positions: torch.Tensor, numel: int, encoding: str | None) -> None:
     encoding = encoding or choose_encoding(positions, numel)
     encoded = encode_positions(positions, numel, encoding)
-    decoded = decode_positions(encoded, numel, positions.numel(), encoding, "t")
+    decoded = decode_positions(encoded, numel, positions.numel(), encoding, "t", encoded.numel())
     held = held_positions(encoded, decoded, encoding)
     if encoding != "bitmap":
         assert held is encoded  # nothing held twice
-    else:
-        assert held.element_size() <= 4
-    assert torch.equal(expand_positions(held), positions)
-    assert torch.equal(expand_positions(held, torch.int32), positions.to(torch.int32))
+    else:  # its gap16x stream: at most 4 bytes per child entry wherever the bitmap is the smallest encoding
+        assert torch.equal(held, encode_positions(positions, numel, "gap16x"))
+        if choose_encoding(positions, numel) == "bitmap":
+            assert held.numel() * held.element_size() <= 4 * positions.numel()
+    assert torch.equal(expand_positions(held, positions.numel()), positions)
+    assert torch.equal(expand_positions(held, positions.numel(), torch.int32), positions.to(torch.int32))
 
 
 def test_scatter_in_place_is_bit_identical_to_out_of_place() -> None:
@@ -128,23 +133,24 @@ def test_scatter_in_place_is_bit_identical_to_out_of_place() -> None:
 
 # ------------------------------------------------------------------------------------------------ CUDA
 @needs_cuda
-@pytest.mark.parametrize("encoding", ["bitmap", "int32", "gap16"])
+@pytest.mark.parametrize("encoding", ["bitmap", "int32", "gap16", "gap16x"])
 def test_encoding_on_the_device_matches_the_cpu(encoding: str) -> None:
     numel = 1_000_003
-    positions = torch.randperm(numel, generator=torch.Generator().manual_seed(0))[:50_000].sort().values
+    count = 40 if encoding == "gap16x" else 50_000  # sparse enough for gaps over 16 bits
+    positions = torch.randperm(numel, generator=torch.Generator().manual_seed(0))[:count].sort().values
     on_cpu = encode_positions(positions, numel, encoding)
     on_device = encode_positions(positions.cuda(), numel, encoding)
     assert on_device.is_cuda and torch.equal(on_device.cpu(), on_cpu)
-    decoded = decode_positions(on_device, numel, positions.numel(), encoding, "t")
-    expected = decode_positions(on_cpu, numel, positions.numel(), encoding, "t")
+    decoded = decode_positions(on_device, numel, positions.numel(), encoding, "t", on_cpu.numel())
+    expected = decode_positions(on_cpu, numel, positions.numel(), encoding, "t", on_cpu.numel())
     assert decoded.is_cuda and torch.equal(decoded.cpu(), expected)
     assert choose_encoding(positions.cuda(), numel) == choose_encoding(positions, numel)
     held = held_positions(on_device, decoded, encoding)
-    assert held.is_cuda and torch.equal(expand_positions(held).cpu(), positions)
+    assert held.is_cuda and torch.equal(expand_positions(held, positions.numel()).cpu(), positions)
 
 
 @needs_cuda
-@pytest.mark.parametrize("reserve_p", [2e-5, 0.05, 0.3])
+@pytest.mark.parametrize("reserve_p", [2e-5, 0.05, 0.3])  # 2e-5: gap16x streams (gaps over 16 bits)
 def test_a_training_step_on_cuda_never_syncs(reserve_p: float) -> None:
     model = _model(reserve_p, device="cuda")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], capturable=True)

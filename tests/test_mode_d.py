@@ -147,7 +147,7 @@ def test_fisher_picks_exactly_k(tiny_models, reserve_p):
         weight = layer.get_base_layer().weight
         encoding = layer.childtuning_spec["default"].encodings["weight"]
         assert config.child_encodings[layer.tensor_key("weight")] == encoding
-        assert encoding in ("bitmap", "int32", "gap16")
+        assert encoding in ("bitmap", "int32", "gap16", "gap16x")
         assert positions.dtype == torch.int32  # decoded positions held for training: half the bytes of int64
         assert positions.dim() == 1 and values.dim() == 1
         assert positions.numel() == values.numel() == config.child_sizes[layer.tensor_key("weight")]
