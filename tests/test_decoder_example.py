@@ -115,3 +115,16 @@ def test_answers_are_parsed_and_prompts_cut_to_fit(decoder, tmp_path: pathlib.Pa
     batch = decoder.left_padded([[5, 6], [3, 4, 5, 6]], pad_id=0)
     assert batch["input_ids"].tolist() == [[0, 0, 5, 6], [3, 4, 5, 6]]
     assert batch["position_ids"].tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+def test_cross_entropy_on_other_text_does_not_depend_on_padding(decoder, tmp_path: pathlib.Path) -> None:
+    """The forgetting measure: a text scored beside a longer one (so left-padded) counts the same tokens, with the
+    same losses, as scored alone."""
+    checkpoint = tiny_checkpoint(tmp_path / "tiny")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    model = Gemma3ForCausalLM.from_pretrained(checkpoint)
+    short, long = "the film was good", "a plot the cast was dull and the film was fine"
+    alone = [decoder.mean_token_cross_entropy(model, tokenizer, [text], 32, batch_size=1) for text in (short, long)]
+    together = decoder.mean_token_cross_entropy(model, tokenizer, [short, long], 32, batch_size=2)
+    # each text of n tokens has n - 1 predicted tokens: 3 and 10
+    assert together == pytest.approx((3 * alone[0] + 10 * alone[1]) / 13, rel=1e-5)
