@@ -101,8 +101,9 @@ def dequantized_checkpoint(cache_dir: pathlib.Path) -> pathlib.Path:
     """The packaged Gemma 3 270M as a plain float32 safetensors checkpoint with its tokenizer: made once, then reused.
 
     transformers 5.23 dequantizes the GGUF weights into ordinary float32 tensors when it loads the file (34 s, and
-    16 s for the tokenizer, on a quiet 2-core machine), but leaves a gguf ``quantization_config`` on the model, so ``save_pretrained``
-    refuses. The weights are moved into a model built from the same config without it, and that one is saved.
+    16 s for the tokenizer, on a quiet 2-core machine), but leaves a gguf ``quantization_config`` on the model, so
+    ``save_pretrained`` refuses. The weights are moved into a model built from the same config without it, and that
+    one is saved.
     """
     if (cache_dir / CACHE_MARKER).is_file():
         return cache_dir
@@ -217,9 +218,9 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     return torch.nn.functional.cross_entropy(logits.float(), batch["input_ids"][:, -1])
 
 
-def greedy(model: torch.nn.Module, prompts: Sequence[list[int]], pad_id: int, new_tokens: int, batch_size: int) -> list[
-    list[int]
-]:
+def greedy(
+    model: torch.nn.Module, prompts: Sequence[list[int]], pad_id: int, new_tokens: int, batch_size: int
+) -> list[list[int]]:
     """``generate()`` without sampling: the new tokens of each prompt (prompts of similar length batched together)."""
     import torch
 
@@ -483,7 +484,9 @@ def run_methods(
         elif method == "lora":
             model = get_peft_model(
                 model,
-                LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM"),
+                LoraConfig(
+                    r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM"
+                ),
             )
             lr = args.lr_lora
         else:
@@ -534,7 +537,9 @@ def run_methods(
             )
             from_saved = greedy(reloaded, check_prompts, pad_id, args.check_new_tokens, args.eval_batch_size)
             del reloaded
-            merged = greedy(model.merge_and_unload(), check_prompts, pad_id, args.check_new_tokens, args.eval_batch_size)
+            merged = greedy(
+                model.merge_and_unload(), check_prompts, pad_id, args.check_new_tokens, args.eval_batch_size
+            )
             record["generate_check"] = {
                 "prompts": len(check_prompts),
                 "new_tokens": args.check_new_tokens,

@@ -33,7 +33,9 @@ def tiny_checkpoint(folder: pathlib.Path) -> pathlib.Path:
     words = ["<pad>", "<unk>", "<eos>", "Review", "Sentiment", ":", "positive", "negative", *GOOD, *BAD, *NEUTRAL]
     backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     torch.manual_seed(0)
     config = Gemma3TextConfig(
         vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
