@@ -184,7 +184,7 @@ def prompt_ids(tokenizer: Any, text: str, budget: int) -> list[int]:
 
 def left_padded(sequences: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """A batch padded on the left, so that every sequence ends at the last position (where the answer is), with the
-    position ids that ``generate()`` computes from the attention mask."""
+    position ids that ``generate()`` computes from the attention mask (counted from each sequence's first token)."""
     import torch
 
     width = max(len(ids) for ids in sequences)
