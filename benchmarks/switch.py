@@ -1,9 +1,10 @@
 """Switching the active adapter of a model loaded for inference: Child-Tuning-D against LoRA, side by side.
 
 Serving several adapters on one merged base means switching: write the old adapter out of the weights and the new
-one in. Child-Tuning-D writes back the overwritten originals and writes in the other adapter's child entries, in the
-copy of each weight its first merge made, so a switch costs time in proportion to the child entries. LoRA
-(``unmerge_adapter``, ``set_adapter``, ``merge_adapter``) subtracts and adds a dense B @ A per targeted weight.
+one in (``unmerge_adapter``, ``set_adapter``, ``merge_adapter`` for both methods: peft's ``set_adapter`` alone
+leaves a merged model unmerged). Child-Tuning-D writes back the overwritten originals and writes in the other
+adapter's child entries, in the copy of each weight its first merge made, so a switch costs time in proportion
+to the child entries. LoRA subtracts and adds a dense B @ A per targeted weight.
 
 Each model's base is saved and loaded back (memory-mapped, as a user's base is), two adapters of each method are
 loaded for inference onto it, and switches alternate between them: the first switch (which, for Child-Tuning, makes
@@ -77,6 +78,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     import peft_childtuning  # noqa: F401  (registers the tuner)
     from peft import PeftModel, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     torch.set_num_threads(args.threads)
     family = MODELS[args.model][0]
@@ -104,17 +106,15 @@ def run_worker(args: argparse.Namespace) -> dict:
                 expected[name] = PeftModel.from_pretrained(load_base(), work / name)(input_ids=ids).logits
         model = PeftModel.from_pretrained(load_base(), work / "a", adapter_name="a")
         model.load_adapter(work / "b", adapter_name="b")
-        if args.worker == "lora":
+        if args.worker == "lora":  # a Child-Tuning adapter loaded for inference is merged at load
             model.base_model.merge_adapter(["a"])
 
         def switch(name: str) -> float:
+            # peft's set_adapter unmerges a merged model and leaves it unmerged: merge the new adapter again
             start = time.perf_counter()
-            if args.worker == "lora":
-                model.base_model.unmerge_adapter()
-                model.set_adapter(name)
-                model.base_model.merge_adapter([name])
-            else:
-                model.set_adapter(name)
+            model.base_model.unmerge_adapter()
+            model.set_adapter(name)
+            model.base_model.merge_adapter([name])
             return time.perf_counter() - start
 
         first = switch("b")
@@ -122,6 +122,8 @@ def run_worker(args: argparse.Namespace) -> dict:
         for index in range(args.switches):
             name = "a" if index % 2 == 0 else "b"
             times.append(switch(name))
+            if not all(layer.merged for layer in model.modules() if isinstance(layer, BaseTunerLayer)):
+                raise RuntimeError(f"{args.worker}: the model is not merged after switching to {name}")
             with torch.inference_mode():
                 out = model(input_ids=ids).logits
             largest_difference = max(largest_difference, float((out - expected[name]).abs().max()))
