@@ -12,9 +12,10 @@ Per adapter and tuned tensor (``weight``, optionally ``bias``) the layer holds
 
 The base tensors are never written while unmerged. The forward composes ``W`` with the child values; for Linear and
 GPT-2's Conv1D a custom autograd function does it one layer at a time without keeping the composed copy alive from
-forward to backward. Merging writes the child values into ``W`` (on CPU into a fresh copy of it that takes its place;
-the Parameter stays the same object) and keeps the overwritten originals, so unmerging restores them exactly (no
-subtraction, no drift in any dtype).
+forward to backward, and its backward never forms a dense copy of a large weight at all: it works through blocks of
+the weight (`BlockPlan`). Merging writes the child values into ``W`` (on CPU into a fresh copy of it that takes its
+place; the Parameter stays the same object) and keeps the overwritten originals, so unmerging restores them exactly
+(no subtraction, no drift in any dtype).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ TUNED_TENSOR_CONTAINERS = {
 }
 # relative scale of the noise that init_weights=False adds to the child values
 _TEST_INIT_NOISE = 0.1
+# the backward's blocks of a weight: at most this many entries each, or a _MAX_BLOCKS-th of the weight if that is
+# more (a block is a kernel call or a few on an accelerator, where the launches of many small blocks would show)
+_BLOCK_ENTRIES = 1 << 20
+_MAX_BLOCKS = 16
 
 
 @dataclass(frozen=True)
@@ -78,11 +83,12 @@ def gather_child(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_child(base: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A new tensor equal to `base` with `values` (cast to its dtype) at the flat `positions`: differentiable in the
-    values. Written into a clone in place: twice as fast on CPU as the out-of-place index_copy, same bits."""
-    flat = base.reshape(-1).clone()
-    flat.index_copy_(0, expand_positions(positions.to(base.device)), values.to(base.dtype))
-    return flat.view_as(base)
+    """A new contiguous tensor equal to `base` with `values` (cast to its dtype) at the flat `positions`:
+    differentiable in the values. Written into a clone in place: twice as fast on CPU as the out-of-place index_copy,
+    same bits."""
+    composed = base.clone(memory_format=torch.contiguous_format)
+    composed.view(-1).index_copy_(0, expand_positions(positions.to(base.device)), values.to(base.dtype))
+    return composed
 
 
 def write_child(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
@@ -90,12 +96,69 @@ def write_child(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tenso
     flat.index_copy_(0, expand_positions(positions.to(flat.device)), values.to(flat.device, flat.dtype))
 
 
+class BlockPlan(NamedTuple):
+    """The blocks a weight's backward works through (`_ChildLinearFunction`): the boundaries of its blocks of rows and
+    of columns (as stored) and their child entries, counted once, when the positions are decoded, so that slicing and
+    gathering them at each step needs no host sync.
+
+    Rows are what the weight gradient is formed by (sorted positions: a block of rows holds a contiguous range of the
+    child entries, from ``row_entries[i]`` to ``row_entries[i + 1]``), and what a Conv1D's input gradient is; a Linear's
+    input gradient is formed by blocks of columns, whose ``col_counts`` child entries lie scattered over every row.
+    """
+
+    row_bounds: tuple[int, ...]
+    row_entries: tuple[int, ...]
+    col_bounds: tuple[int, ...]
+    col_counts: tuple[int, ...]
+
+
+def _block_bounds(length: int, line: int, block_entries: int) -> tuple[int, ...]:
+    """Boundaries of blocks of whole lines (`line` entries each) along a dimension of `length` lines."""
+    per_block = max(block_entries, -(-length * line // _MAX_BLOCKS)) // max(line, 1)
+    return (*range(0, length, max(per_block, 1)), length)
+
+
+def block_plan(positions: torch.Tensor, shape: torch.Size, block_entries: int = _BLOCK_ENTRIES) -> BlockPlan:
+    """The `BlockPlan` of a 2-D weight of `shape` (as stored) with the child entries at the sorted flat `positions`
+    (any integer dtype, on any device: one host sync, for the counts)."""
+    rows, cols = shape
+    positions = positions.long()
+    row_bounds = _block_bounds(rows, cols, block_entries)
+    col_bounds = _block_bounds(cols, rows, block_entries)
+    row_entries = torch.searchsorted(positions, torch.tensor(row_bounds, device=positions.device) * cols)
+    col_counts = torch.bincount(positions % cols // col_bounds[1], minlength=len(col_bounds) - 1)
+    counts = torch.cat([row_entries, col_counts]).tolist()
+    return BlockPlan(row_bounds, tuple(counts[: len(row_bounds)]), col_bounds, tuple(counts[len(row_bounds) :]))
+
+
+def _column_block_entries(
+    index: torch.Tensor, shape: torch.Size, start: int, stop: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which child entries, their flat positions in the block) of the block of columns [start, stop) of a weight of
+    `shape`, given its sorted int64 child positions `index` and the block's `count` of them: in each row they are a
+    run of `index`, found by binary search; the runs are gathered with a static size (no host sync)."""
+    rows, cols = shape
+    row_starts = torch.arange(rows, device=index.device) * cols
+    first = torch.searchsorted(index, row_starts + start)
+    lengths = torch.searchsorted(index, row_starts + stop) - first
+    row = torch.repeat_interleave(torch.arange(rows, device=index.device), lengths, output_size=count)
+    run_starts = lengths.cumsum(0) - lengths  # where each row's run begins among the block's entries
+    entries = (first - run_starts)[row] + torch.arange(count, device=index.device)
+    # an entry's position in the block: its position less its row's start, plus the block's rows before it
+    shift = row_starts + start - torch.arange(rows, device=index.device) * (stop - start)
+    return entries, index.index_select(0, entries) - shift[row]
+
+
 class _ChildLinearFunction(torch.autograd.Function):
     """y = x @ W_child^T + b, where W_child is W with the child values scattered in.
 
-    W_child is built in the forward and again in the backward, and never saved: only x, W, the values and positions
-    are, as a plain linear layer would save x and W. The backward forms the dense weight gradient of this one layer
-    and gathers it at the child positions.
+    W_child is built in the forward and never saved: only x, W, the values and positions are, as a plain linear layer
+    would save x and W. The backward works through the blocks of `BlockPlan` (one, for a weight of up to
+    `_BLOCK_ENTRIES` entries): the input gradient from W_child a block at a time, the child values' gradient from the
+    weight gradient a block of rows at a time, gathered at the child positions there. So no dense copy of the weight
+    is formed (its gradient only if the base weight itself is trained); a step's peak is that of the activations.
+    Each output entry is still one full-length product, as in a single matrix product (whether a BLAS sums it in the
+    same order for the narrower matrix of a block is the BLAS's choice).
     """
 
     @staticmethod
@@ -107,44 +170,68 @@ class _ChildLinearFunction(torch.autograd.Function):
         positions: torch.Tensor,
         bias: Optional[torch.Tensor],
         weight_is_in_by_out: bool,
+        blocks: BlockPlan,
     ) -> torch.Tensor:
         composed = scatter_child(weight, values, positions)
         output = F.linear(x, composed.t() if weight_is_in_by_out else composed, bias)
         ctx.save_for_backward(x, weight, values, positions)
         ctx.weight_is_in_by_out = weight_is_in_by_out
+        ctx.blocks = blocks
         ctx.bias_dtype = None if bias is None else bias.dtype
         return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         x, weight, values, positions = ctx.saved_tensors
+        blocks: BlockPlan = ctx.blocks
         grad_x = grad_weight = grad_values = grad_bias = None
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        index = expand_positions(positions)  # once for the three uses below
+        index = expand_positions(positions)  # once for every block below
+        cols = weight.shape[1]
+        row_blocks = list(zip(blocks.row_bounds, blocks.row_bounds[1:], blocks.row_entries, blocks.row_entries[1:]))
         if ctx.needs_input_grad[0]:
-            composed = scatter_child(weight, values, index).to(grad_output.dtype)
-            linear_weight = composed.t() if ctx.weight_is_in_by_out else composed
-            grad_x = (grad_output @ linear_weight).to(x.dtype)
-            del composed, linear_weight  # not alive while the dense weight gradient is formed
+            grad_x = grad_rows.new_empty(grad_rows.shape[0], x.shape[-1])
+            if ctx.weight_is_in_by_out:  # grad_x = g @ W_child^T: W's rows are grad_x's columns
+                for row_start, row_stop, start, stop in row_blocks:
+                    local = index[start:stop] - row_start * cols
+                    block = scatter_child(weight[row_start:row_stop], values[start:stop], local)
+                    grad_x[:, row_start:row_stop] = grad_rows @ block.to(grad_rows.dtype).t()
+            else:  # grad_x = g @ W_child: W's columns are grad_x's columns
+                for col_start, col_stop, count in zip(blocks.col_bounds, blocks.col_bounds[1:], blocks.col_counts):
+                    entries, local = _column_block_entries(index, weight.shape, col_start, col_stop, count)
+                    block = scatter_child(weight[:, col_start:col_stop], values.index_select(0, entries), local)
+                    grad_x[:, col_start:col_stop] = grad_rows @ block.to(grad_rows.dtype)
+            grad_x = grad_x.view(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            x_rows = x.reshape(-1, x.shape[-1]).to(grad_output.dtype)
-            dense = x_rows.t() @ grad_rows if ctx.weight_is_in_by_out else grad_rows.t() @ x_rows
+            x_rows = x.reshape(-1, x.shape[-1]).to(grad_rows.dtype)
+            # the weight gradient, g^T x (Linear) or x^T g (Conv1D): W's rows are the left factor's columns
+            left, right = (x_rows, grad_rows) if ctx.weight_is_in_by_out else (grad_rows, x_rows)
             if ctx.needs_input_grad[2]:
-                grad_values = gather_child(dense, index).to(values.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_weight = dense.reshape(-1).index_fill(0, index, 0).view_as(weight).to(weight.dtype)
+                grad_values = grad_rows.new_empty(values.shape)
+            if ctx.needs_input_grad[1]:  # the base weight is trained too: its gradient is dense, zero at the child
+                grad_weight = grad_rows.new_empty(weight.shape)
+            for row_start, row_stop, start, stop in row_blocks:
+                dense = (left[:, row_start:row_stop].t() @ right).view(-1)
+                local = index[start:stop] - row_start * cols
+                if grad_values is not None:
+                    grad_values[start:stop] = dense.index_select(0, local)
+                if grad_weight is not None:
+                    grad_weight[row_start:row_stop] = dense.index_fill_(0, local, 0).view(row_stop - row_start, cols)
+            grad_values = None if grad_values is None else grad_values.to(values.dtype)
+            grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_rows.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_values, None, grad_bias, None
+        return grad_x, grad_weight, grad_values, None, grad_bias, None, None
 
 
 class DecodedPositions(NamedTuple):
     """Decoded child positions as the layer holds them (`sparse_format.held_positions`: often the encoded tensor
-    itself), and the encoded positions tensor they were decoded from (held, so that its identity cannot pass to a
-    new tensor)."""
+    itself), the encoded positions tensor they were decoded from (held, so that its identity cannot pass to a new
+    tensor), and for the weight of a Linear or Conv1D the blocks its backward works through."""
 
     encoded: torch.Tensor
     positions: torch.Tensor
+    blocks: Optional[BlockPlan]
 
 
 class ChildTuningLayer(BaseTunerLayer):
@@ -327,7 +414,12 @@ class ChildTuningLayer(BaseTunerLayer):
         return expand_positions(held, index_dtype(getattr(self.get_base_layer(), tensor_name).numel()))
 
     def _held_positions(self, adapter_name: str, tensor_name: str) -> Optional[torch.Tensor]:
-        """`_positions` as the layer holds them (`sparse_format.held_positions`), for `expand_positions` at each use.
+        """`_positions` as the layer holds them (`sparse_format.held_positions`), for `expand_positions` at each use."""
+        decoded = self._decoded(adapter_name, tensor_name)
+        return None if decoded is None else decoded.positions
+
+    def _decoded(self, adapter_name: str, tensor_name: str) -> Optional[DecodedPositions]:
+        """The adapter's decoded positions in one tensor, or None where it tunes every entry (mode f).
 
         Decoded once per encoded positions tensor (`_decode_positions`); a lookup and an identity check afterwards,
         which torch.compile traces (and guards on) without breaking the graph. A tensor replaced (a new child
@@ -340,7 +432,7 @@ class ChildTuningLayer(BaseTunerLayer):
         cached = self._decoded_positions.get((adapter_name, tensor_name))
         if cached is None or cached.encoded is not encoded_positions[adapter_name]:
             cached = self._decode_positions(adapter_name, tensor_name)
-        return cached.positions
+        return cached
 
     def _merge_positions(self, adapter_name: str, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(what `unmerge` will expand, the sorted int64 positions) for merging one adapter's tensor.
@@ -361,7 +453,11 @@ class ChildTuningLayer(BaseTunerLayer):
         encoded = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])[adapter_name]
         positions = self._checked_positions(adapter_name, tensor_name).to(encoded.device)
         encoding = self.childtuning_spec[adapter_name].encodings[tensor_name]
-        decoded = DecodedPositions(encoded, held_positions(encoded, positions, encoding))
+        base = self.get_base_layer()
+        blocks = None
+        if tensor_name == "weight" and isinstance(base, (nn.Linear, Conv1D)):
+            blocks = block_plan(positions, base.weight.shape)
+        decoded = DecodedPositions(encoded, held_positions(encoded, positions, encoding), blocks)
         self._decoded_positions[(adapter_name, tensor_name)] = decoded
         return decoded
 
@@ -399,7 +495,7 @@ class ChildTuningLayer(BaseTunerLayer):
         """Every tensor the layer holds for child positions (encoded buffers, decoded caches), for memory accounting;
         a tensor may appear twice when one is the other."""
         held = [*self.childtuning_positions.values(), *self.childtuning_bias_positions.values()]
-        held += [tensor for decoded in self._decoded_positions.values() for tensor in decoded]
+        held += [tensor for decoded in self._decoded_positions.values() for tensor in decoded[:2]]
         return held + [tensor for validated in self._validated_positions.values() for tensor in validated]
 
     def compose(self, tensor_name: str, adapter_names: list[str]) -> torch.Tensor:
@@ -625,10 +721,12 @@ class ChildTuningModule(nn.Module, ChildTuningLayer):
         if isinstance(base, (nn.Linear, Conv1D)) and not args and not kwargs:
             weight_is_in_by_out = isinstance(base, Conv1D)
             bias = self.compose("bias", active) if "bias" in tuned else base.bias
-            positions = self._held_positions(active[0], "weight") if len(active) == 1 else None
-            if positions is not None:
+            decoded = self._decoded(active[0], "weight") if len(active) == 1 else None
+            if decoded is not None:
                 values = self._trainable_values(active[0], "weight")
-                return _ChildLinearFunction.apply(x, base.weight, values, positions, bias, weight_is_in_by_out)
+                return _ChildLinearFunction.apply(
+                    x, base.weight, values, decoded.positions, bias, weight_is_in_by_out, decoded.blocks
+                )
             weight = self.compose("weight", active)
             return F.linear(x, weight.t() if weight_is_in_by_out else weight, bias)
         overrides = {name: self.compose(name, active) for name in tuned}
