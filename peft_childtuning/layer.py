@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +113,8 @@ class BlockPlan(NamedTuple):
 
 
 def _block_bounds(length: int, line: int, block_entries: int) -> tuple[int, ...]:
-    """Boundaries of blocks of whole lines (`line` entries each) along a dimension of `length` lines."""
+    """Boundaries of blocks of whole lines (`line` entries each) along a dimension of `length` lines: fewer than 256
+    blocks (at most `length`, or about `_MAX_BLOCKS` where `length` is 256 or more)."""
     per_block = max(block_entries, -(-length * line // _MAX_BLOCKS)) // max(line, 1)
     return (*range(0, length, max(per_block, 1)), length)
 
@@ -131,22 +132,23 @@ def block_plan(positions: torch.Tensor, shape: torch.Size, block_entries: int = 
     return BlockPlan(row_bounds, tuple(counts[: len(row_bounds)]), col_bounds, tuple(counts[len(row_bounds) :]))
 
 
-def _column_block_entries(
-    index: torch.Tensor, shape: torch.Size, start: int, stop: int, count: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(which child entries, their flat positions in the block) of the block of columns [start, stop) of a weight of
-    `shape`, given its sorted int64 child positions `index` and the block's `count` of them: in each row they are a
-    run of `index`, found by binary search; the runs are gathered with a static size (no host sync)."""
-    rows, cols = shape
-    row_starts = torch.arange(rows, device=index.device) * cols
-    first = torch.searchsorted(index, row_starts + start)
-    lengths = torch.searchsorted(index, row_starts + stop) - first
-    row = torch.repeat_interleave(torch.arange(rows, device=index.device), lengths, output_size=count)
-    run_starts = lengths.cumsum(0) - lengths  # where each row's run begins among the block's entries
-    entries = (first - run_starts)[row] + torch.arange(count, device=index.device)
-    # an entry's position in the block: its position less its row's start, plus the block's rows before it
-    shift = row_starts + start - torch.arange(rows, device=index.device) * (stop - start)
-    return entries, index.index_select(0, entries) - shift[row]
+def _column_blocks(
+    values: torch.Tensor, index: torch.Tensor, cols: int, blocks: BlockPlan
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """(first column, end column, child values, their flat positions in the block) for each block of columns of a
+    weight of `cols` columns, given its sorted int64 child positions `index`: the entries of a block, found with the
+    static size the plan counted (no host sync), in row-major order."""
+    if len(blocks.col_counts) == 1:
+        yield 0, cols, values, index
+        return
+    # one byte per child entry: a weight has fewer than 256 blocks of columns (`_block_bounds`)
+    block_of = (index % cols).div_(blocks.col_bounds[1], rounding_mode="floor").to(torch.uint8)
+    for number, (start, stop, count) in enumerate(zip(blocks.col_bounds, blocks.col_bounds[1:], blocks.col_counts)):
+        entries = torch.nonzero_static(block_of == number, size=count).squeeze(1)
+        positions = index.index_select(0, entries)
+        # row * width + column - start: the position less (cols - width) per row before it, less start
+        local = positions - (positions // cols) * (cols - (stop - start)) - start
+        yield start, stop, values.index_select(0, entries), local
 
 
 class _ChildLinearFunction(torch.autograd.Function):
@@ -197,9 +199,8 @@ class _ChildLinearFunction(torch.autograd.Function):
                     block = scatter_child(weight[row_start:row_stop], values[start:stop], local)
                     grad_x[:, row_start:row_stop] = grad_rows @ block.to(grad_rows.dtype).t()
             else:  # grad_x = g @ W_child: W's columns are grad_x's columns
-                for col_start, col_stop, count in zip(blocks.col_bounds, blocks.col_bounds[1:], blocks.col_counts):
-                    entries, local = _column_block_entries(index, weight.shape, col_start, col_stop, count)
-                    block = scatter_child(weight[:, col_start:col_stop], values.index_select(0, entries), local)
+                for col_start, col_stop, block_values, local in _column_blocks(values, index, cols, blocks):
+                    block = scatter_child(weight[:, col_start:col_stop], block_values, local)
                     grad_x[:, col_start:col_stop] = grad_rows @ block.to(grad_rows.dtype)
             grad_x = grad_x.view(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
