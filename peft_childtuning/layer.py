@@ -56,7 +56,7 @@ TUNED_TENSOR_CONTAINERS = {
 _TEST_INIT_NOISE = 0.1
 # the backward's blocks of a weight: at most this many entries each, or a _MAX_BLOCKS-th of the weight if that is
 # more (a block is a kernel call or a few on an accelerator, where the launches of many small blocks would show)
-_BLOCK_ENTRIES = 1 << 20
+_BLOCK_ENTRIES = 1 << 22
 _MAX_BLOCKS = 16
 
 
