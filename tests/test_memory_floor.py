@@ -47,8 +47,8 @@ class TwoLinear(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-# weights of 1.6M entries: more than `_BLOCK_ENTRIES`, so their backward works through blocks
-WIDE = {"hidden": 1024, "inner": 1536}
+# weights of 5.2M entries: more than `_BLOCK_ENTRIES`, so their backward works through blocks
+WIDE = {"hidden": 2048, "inner": 2560}
 
 
 def _model(reserve_p: float, device: str = "cpu", **sizes: int) -> nn.Module:
