@@ -182,7 +182,8 @@ def held_positions(encoded: torch.Tensor, positions: torch.Tensor, encoding: str
     gaps = _gaps(positions)  # in the positions' own integer dtype: int32 gaps of int32 positions
     if gaps.numel() and int(gaps.max()) <= _GAP16_MAX:
         return gaps.to(torch.uint16)
-    return positions
+    # int32 where the tensor allows: held for good, so 4 bytes per child entry rather than int64's 8
+    return positions.to(index_dtype(int(positions[-1]) + 1 if positions.numel() else 0))
 
 
 def expand_positions(held: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
