@@ -132,6 +132,17 @@ def block_plan(positions: torch.Tensor, shape: torch.Size, block_entries: int = 
     return BlockPlan(row_bounds, tuple(counts[: len(row_bounds)]), col_bounds, tuple(counts[len(row_bounds) :]))
 
 
+def _row_blocks(
+    index: torch.Tensor, cols: int, blocks: BlockPlan
+) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+    """(first row, end row, first child entry, end child entry, their flat positions in the block) for each block of
+    rows of a weight of `cols` columns, given its sorted int64 child positions `index`: a contiguous range of them."""
+    bounds = zip(blocks.row_bounds, blocks.row_bounds[1:], blocks.row_entries, blocks.row_entries[1:])
+    for row_start, row_stop, start, stop in bounds:
+        local = index[start:stop] - row_start * cols if row_start else index[start:stop]
+        yield row_start, row_stop, start, stop, local
+
+
 def _column_blocks(
     values: torch.Tensor, index: torch.Tensor, cols: int, blocks: BlockPlan
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -190,39 +201,40 @@ class _ChildLinearFunction(torch.autograd.Function):
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
         index = expand_positions(positions)  # once for every block below
         cols = weight.shape[1]
-        row_blocks = list(zip(blocks.row_bounds, blocks.row_bounds[1:], blocks.row_entries, blocks.row_entries[1:]))
         if ctx.needs_input_grad[0]:
-            grad_x = grad_rows.new_empty(grad_rows.shape[0], x.shape[-1])
+            pieces = []  # grad_x's columns, a block at a time
             if ctx.weight_is_in_by_out:  # grad_x = g @ W_child^T: W's rows are grad_x's columns
-                for row_start, row_stop, start, stop in row_blocks:
-                    local = index[start:stop] - row_start * cols
+                for row_start, row_stop, start, stop, local in _row_blocks(index, cols, blocks):
                     block = scatter_child(weight[row_start:row_stop], values[start:stop], local)
-                    grad_x[:, row_start:row_stop] = grad_rows @ block.to(grad_rows.dtype).t()
+                    pieces.append(grad_rows @ block.to(grad_rows.dtype).t())
             else:  # grad_x = g @ W_child: W's columns are grad_x's columns
                 for col_start, col_stop, block_values, local in _column_blocks(values, index, cols, blocks):
                     block = scatter_child(weight[:, col_start:col_stop], block_values, local)
-                    grad_x[:, col_start:col_stop] = grad_rows @ block.to(grad_rows.dtype)
-            grad_x = grad_x.view(x.shape).to(x.dtype)
+                    pieces.append(grad_rows @ block.to(grad_rows.dtype))
+            grad_x = _joined(pieces, 1).view(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             x_rows = x.reshape(-1, x.shape[-1]).to(grad_rows.dtype)
             # the weight gradient, g^T x (Linear) or x^T g (Conv1D): W's rows are the left factor's columns
             left, right = (x_rows, grad_rows) if ctx.weight_is_in_by_out else (grad_rows, x_rows)
-            if ctx.needs_input_grad[2]:
-                grad_values = grad_rows.new_empty(values.shape)
-            if ctx.needs_input_grad[1]:  # the base weight is trained too: its gradient is dense, zero at the child
-                grad_weight = grad_rows.new_empty(weight.shape)
-            for row_start, row_stop, start, stop in row_blocks:
+            values_pieces, weight_pieces = [], []
+            for row_start, row_stop, _, _, local in _row_blocks(index, cols, blocks):
                 dense = (left[:, row_start:row_stop].t() @ right).view(-1)
-                local = index[start:stop] - row_start * cols
-                if grad_values is not None:
-                    grad_values[start:stop] = dense.index_select(0, local)
-                if grad_weight is not None:
-                    grad_weight[row_start:row_stop] = dense.index_fill_(0, local, 0).view(row_stop - row_start, cols)
-            grad_values = None if grad_values is None else grad_values.to(values.dtype)
-            grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+                if ctx.needs_input_grad[2]:
+                    values_pieces.append(dense.index_select(0, local))
+                if ctx.needs_input_grad[1]:  # the base weight is trained too: its gradient is dense, zero at the child
+                    weight_pieces.append(dense.index_fill_(0, local, 0).view(row_stop - row_start, cols))
+            if ctx.needs_input_grad[2]:
+                grad_values = _joined(values_pieces, 0).to(values.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = _joined(weight_pieces, 0).to(weight.dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_rows.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_values, None, grad_bias, None, None
+
+
+def _joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The blocks' results as one tensor (the one block's itself: no copy where the weight is one block)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 class DecodedPositions(NamedTuple):
