@@ -55,8 +55,10 @@ TUNED_TENSOR_CONTAINERS = {
 # relative scale of the noise that init_weights=False adds to the child values
 _TEST_INIT_NOISE = 0.1
 # the backward's blocks of a weight: at most this many entries each, or a _MAX_BLOCKS-th of the weight if that is
-# more (a block is a kernel call or a few on an accelerator, where the launches of many small blocks would show)
-_BLOCK_ENTRIES = 1 << 22
+# more. Small blocks fit in memory the allocator already holds: on benchmarks/memory_floor.py, blocks of 4M entries
+# (16 MB) left the peak where the dense weight had put it, blocks of 1M reach LoRA's; but each block is a dozen
+# kernel calls, which cost time where threads wait for a busy CPU
+_BLOCK_ENTRIES = 1 << 20
 _MAX_BLOCKS = 16
 
 
