@@ -172,11 +172,14 @@ def test_the_backward_of_a_large_weight_forms_no_tensor_of_its_size(reserve_p: f
     weight = model.get_base_model().up.weight
     assert weight.numel() > _BLOCK_ENTRIES
     x = torch.randn(8, WIDE["hidden"])
+    layers = [module for module in model.modules() if isinstance(module, ChildTuningLayer)]
     largest = _largest_in_backward(lambda: model(x).square().sum())
-    assert largest <= max(_BLOCK_ENTRIES, weight.numel() // _MAX_BLOCKS), largest
+    # a block, or what is as long as a layer's child entries (their positions, their gradient)
+    children = max(layer.child_size("default", "weight") for layer in layers)
+    assert largest <= max(_BLOCK_ENTRIES, weight.numel() // _MAX_BLOCKS, children) < weight.numel(), largest
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     # the control: the same layers' backward with the weight as one block forms the dense weight gradient
-    for layer in (module for module in model.modules() if isinstance(module, ChildTuningLayer)):
+    for layer in layers:
         decoded = layer._decoded("default", "weight")
         whole = block_plan(decoded.positions, layer.get_base_layer().weight.shape, block_entries=weight.numel())
         layer._decoded_positions[("default", "weight")] = decoded._replace(blocks=whole)
