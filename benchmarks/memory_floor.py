@@ -8,14 +8,17 @@ between steps, and for Child-Tuning-D the bytes held per child entry (held betwe
 an accounting of the tensors the layers and the optimizer hold.
 
     python3 benchmarks/memory_floor.py                 # LoRA, then Child-Tuning-D at reserve_p 0.013, 0.05 and 0.3
+    python3 benchmarks/memory_floor.py --rounds 3      # the same 3 times, alternating; the table gives medians
 
-Writes benchmarks/results/memory_floor.json and .md.
+RSS moves by tens of MB from one run to the next (where glibc's arenas place the step's allocations), so several
+rounds are worth their time. Writes benchmarks/results/memory_floor.json (every run) and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -133,29 +136,36 @@ def _spawn(method: str, reserve_p: float, steps: int) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def _markdown(results: list[dict], steps: int) -> str:
-    lora = next(result for result in results if result["method"] == "lora")
+def _peak(result: dict) -> int:
+    return max(result["peak_setup_rss_bytes"], result["peak_steps_rss_bytes"])
+
+
+def _markdown(runs: list[list[dict]], steps: int) -> str:
+    """One row per method: medians over the rounds (each round ran every method once), and each round's peak."""
+    lora_peak = statistics.median(_peak(run[0]) for run in runs)
     lines = [
         "# Memory at the floor (issue #14)",
         "",
         "4 decoder layers of TinyLlama-1.1B's shape (hidden 2048, intermediate 5632, 32/4 heads, vocab 32000), fp32,",
         f"CPU, 2x128 tokens, AdamW, {steps} steps; the seven linear layers of each decoder layer targeted, the",
-        "embedding and LM head frozen. RSS above the built model. `python3 benchmarks/memory_floor.py`",
+        "embedding and LM head frozen. RSS above the built model; medians of "
+        f"{len(runs)} round{'s' if len(runs) > 1 else ''}. `python3 benchmarks/memory_floor.py --rounds {len(runs)}`",
         "",
-        "| method | trainable | peak (GB) | vs LoRA | held between steps (GB) | held B / child entry (RSS) "
-        "| held B / child entry (tensors) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | trainable | peak (GB) | vs LoRA | peak per round (GB) | held between steps (GB) "
+        "| held B / child entry (RSS) | held B / child entry (tensors) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for result in results:
-        name = "LoRA r=16" if result["method"] == "lora" else f"Child-Tuning-D p={result['reserve_p']}"
-        peak = max(result["peak_setup_rss_bytes"], result["peak_steps_rss_bytes"])
-        lora_peak = max(lora["peak_setup_rss_bytes"], lora["peak_steps_rss_bytes"])
-        per_rss = result.get("held_rss_bytes_per_child_entry")
-        per_tensors = result.get("held_tensor_bytes_per_child_entry")
+    for results in zip(*runs):
+        first = results[0]
+        name = "LoRA r=16" if first["method"] == "lora" else f"Child-Tuning-D p={first['reserve_p']}"
+        peak = statistics.median(_peak(result) for result in results)
+        held = statistics.median(result["held_between_steps_rss_bytes"] for result in results)
+        per_round = " / ".join(f"{_peak(result) / GB:.2f}" for result in results)
+        per_rss = "" if first["method"] == "lora" else f"{held / first['trainable_entries']:.1f}"
+        per_tensors = first.get("held_tensor_bytes_per_child_entry")
         lines.append(
-            f"| {name} | {result['trainable_entries'] / 1e6:.1f}M | {peak / GB:.2f} | {peak / lora_peak:.2f}x "
-            f"| {result['held_between_steps_rss_bytes'] / GB:.2f} "
-            f"| {'' if per_rss is None else f'{per_rss:.1f}'} | {'' if per_tensors is None else f'{per_tensors:.2f}'} |"
+            f"| {name} | {first['trainable_entries'] / 1e6:.1f}M | {peak / GB:.2f} | {peak / lora_peak:.2f}x "
+            f"| {per_round} | {held / GB:.2f} | {per_rss} | {'' if per_tensors is None else f'{per_tensors:.2f}'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -165,18 +175,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", choices=["lora", "childtuning_d"])
     parser.add_argument("--reserve-p", type=float, nargs="*", default=[0.013, 0.05, 0.3])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="run every method this many times, alternating")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "memory_floor")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(args.worker, args.reserve_p[0], args.steps)))
         return
-    results = [_spawn("lora", 0.0, args.steps)]
-    for reserve_p in args.reserve_p:
-        results.append(_spawn("childtuning_d", reserve_p, args.steps))
-    markdown = _markdown(results, args.steps)
+    runs = []
+    for _ in range(args.rounds):
+        results = [_spawn("lora", 0.0, args.steps)]
+        for reserve_p in args.reserve_p:
+            results.append(_spawn("childtuning_d", reserve_p, args.steps))
+        runs.append(results)
+    markdown = _markdown(runs, args.steps)
     print(markdown)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))
+    report = {"steps": args.steps, "rounds": args.rounds, "runs": runs}
+    args.output.with_suffix(".json").write_text(json.dumps(report, indent=2))
     args.output.with_suffix(".md").write_text(markdown)
 
 

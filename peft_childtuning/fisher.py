@@ -197,7 +197,7 @@ def _keep_best(
 
 
 def _entries_per_chunk(fisher_chunks: FisherChunks, sizes: Sequence[int], k: int) -> int:
-    if fisher_chunks == "auto":  # the backward holds a dense gradient of the largest tensor anyway, as training's does
+    if fisher_chunks == "auto":  # the Fisher pass's backward holds a dense gradient of the largest tensor anyway
         return max(2 * k, max(sizes, default=0), 1)
     if isinstance(fisher_chunks, bool) or not isinstance(fisher_chunks, int) or fisher_chunks < 1:
         raise ValueError(

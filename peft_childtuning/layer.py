@@ -13,16 +13,17 @@ Per adapter and tuned tensor (``weight``, optionally ``bias``) the layer holds
 
 The base tensors are never written while unmerged. The forward composes ``W`` with the child values; for Linear and
 GPT-2's Conv1D a custom autograd function does it one layer at a time without keeping the composed copy alive from
-forward to backward. Merging writes the child values into ``W`` (on CPU into a fresh copy of it that takes its place;
-the Parameter stays the same object) and keeps the overwritten originals, so unmerging restores them exactly (no
-subtraction, no drift in any dtype).
+forward to backward, and its backward never forms a dense copy of a large weight at all: it works through blocks of
+the weight (`BlockPlan`). Merging writes the child values into ``W`` (on CPU into a fresh copy of it that takes its
+place; the Parameter stays the same object) and keeps the overwritten originals, so unmerging restores them exactly
+(no subtraction, no drift in any dtype).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,12 @@ TUNED_TENSOR_CONTAINERS = {
 }
 # relative scale of the noise that init_weights=False adds to the child values
 _TEST_INIT_NOISE = 0.1
+# the backward's blocks of a weight: at most this many entries each, or a _MAX_BLOCKS-th of the weight if that is
+# more. Small blocks fit in memory the allocator already holds: on benchmarks/memory_floor.py, blocks of 4M entries
+# (16 MB) left the peak where the dense weight had put it, blocks of 1M reach LoRA's; but each block is a dozen
+# kernel calls, which cost time where threads wait for a busy CPU
+_BLOCK_ENTRIES = 1 << 20
+_MAX_BLOCKS = 16
 
 
 @dataclass(frozen=True)
@@ -81,11 +88,13 @@ def gather_child(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 # `positions` below are sorted flat positions, or what a layer holds of them (`sparse_format.held_positions`),
 # expanded for as many positions as there are values.
 def scatter_child(base: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A new tensor equal to `base` with `values` (cast to its dtype) at the flat `positions`: differentiable in the
-    values. Written into a clone in place: twice as fast on CPU as the out-of-place index_copy, same bits."""
-    flat = base.reshape(-1).clone()
-    flat.index_copy_(0, expand_positions(positions.to(base.device), values.numel()), values.to(base.dtype))
-    return flat.view_as(base)
+    """A new contiguous tensor equal to `base` with `values` (cast to its dtype) at the flat `positions`:
+    differentiable in the values. Written into a clone in place: twice as fast on CPU as the out-of-place index_copy,
+    same bits."""
+    composed = base.clone(memory_format=torch.contiguous_format)
+    index = expand_positions(positions.to(base.device), values.numel())
+    composed.view(-1).index_copy_(0, index, values.to(base.dtype))
+    return composed
 
 
 def write_child(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
@@ -94,12 +103,82 @@ def write_child(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tenso
     flat.index_copy_(0, index, values.to(flat.device, flat.dtype))
 
 
+class BlockPlan(NamedTuple):
+    """The blocks a weight's backward works through (`_ChildLinearFunction`): the boundaries of its blocks of rows and
+    of columns (as stored) and their child entries, counted once, when the positions are decoded, so that slicing and
+    gathering them at each step needs no host sync.
+
+    Rows are what the weight gradient is formed by (sorted positions: a block of rows holds a contiguous range of the
+    child entries, from ``row_entries[i]`` to ``row_entries[i + 1]``), and what a Conv1D's input gradient is; a Linear's
+    input gradient is formed by blocks of columns, whose ``col_counts`` child entries lie scattered over every row.
+    """
+
+    row_bounds: tuple[int, ...]
+    row_entries: tuple[int, ...]
+    col_bounds: tuple[int, ...]
+    col_counts: tuple[int, ...]
+
+
+def _block_bounds(length: int, line: int, block_entries: int) -> tuple[int, ...]:
+    """Boundaries of blocks of whole lines (`line` entries each) along a dimension of `length` lines: fewer than 256
+    blocks (at most `length`, or about `_MAX_BLOCKS` where `length` is 256 or more)."""
+    per_block = max(block_entries, -(-length * line // _MAX_BLOCKS)) // max(line, 1)
+    return (*range(0, length, max(per_block, 1)), length)
+
+
+def block_plan(positions: torch.Tensor, shape: torch.Size, block_entries: int = _BLOCK_ENTRIES) -> BlockPlan:
+    """The `BlockPlan` of a 2-D weight of `shape` (as stored) with the child entries at the sorted flat `positions`
+    (any integer dtype, on any device: one host sync, for the counts)."""
+    rows, cols = shape
+    positions = positions.long()
+    row_bounds = _block_bounds(rows, cols, block_entries)
+    col_bounds = _block_bounds(cols, rows, block_entries)
+    row_entries = torch.searchsorted(positions, torch.tensor(row_bounds, device=positions.device) * cols)
+    col_counts = torch.bincount(positions % cols // col_bounds[1], minlength=len(col_bounds) - 1)
+    counts = torch.cat([row_entries, col_counts]).tolist()
+    return BlockPlan(row_bounds, tuple(counts[: len(row_bounds)]), col_bounds, tuple(counts[len(row_bounds) :]))
+
+
+def _row_blocks(
+    index: torch.Tensor, cols: int, blocks: BlockPlan
+) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+    """(first row, end row, first child entry, end child entry, their flat positions in the block) for each block of
+    rows of a weight of `cols` columns, given its sorted int64 child positions `index`: a contiguous range of them."""
+    bounds = zip(blocks.row_bounds, blocks.row_bounds[1:], blocks.row_entries, blocks.row_entries[1:])
+    for row_start, row_stop, start, stop in bounds:
+        local = index[start:stop] - row_start * cols if row_start else index[start:stop]
+        yield row_start, row_stop, start, stop, local
+
+
+def _column_blocks(
+    values: torch.Tensor, index: torch.Tensor, cols: int, blocks: BlockPlan
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """(first column, end column, child values, their flat positions in the block) for each block of columns of a
+    weight of `cols` columns, given its sorted int64 child positions `index`: the entries of a block, found with the
+    static size the plan counted (no host sync), in row-major order."""
+    if len(blocks.col_counts) == 1:
+        yield 0, cols, values, index
+        return
+    # one byte per child entry: a weight has fewer than 256 blocks of columns (`_block_bounds`)
+    block_of = (index % cols).div_(blocks.col_bounds[1], rounding_mode="floor").to(torch.uint8)
+    for number, (start, stop, count) in enumerate(zip(blocks.col_bounds, blocks.col_bounds[1:], blocks.col_counts)):
+        entries = torch.nonzero_static(block_of == number, size=count).squeeze(1)
+        positions = index.index_select(0, entries)
+        # row * width + column - start: the position less (cols - width) per row before it, less start
+        local = positions - (positions // cols) * (cols - (stop - start)) - start
+        yield start, stop, values.index_select(0, entries), local
+
+
 class _ChildLinearFunction(torch.autograd.Function):
     """y = x @ W_child^T + b, where W_child is W with the child values scattered in.
 
-    W_child is built in the forward and again in the backward, and never saved: only x, W, the values and positions
-    are, as a plain linear layer would save x and W. The backward forms the dense weight gradient of this one layer
-    and gathers it at the child positions.
+    W_child is built in the forward and never saved: only x, W, the values and positions are, as a plain linear layer
+    would save x and W. The backward works through the blocks of `BlockPlan` (one, for a weight of up to
+    `_BLOCK_ENTRIES` entries): the input gradient from W_child a block at a time, the child values' gradient from the
+    weight gradient a block of rows at a time, gathered at the child positions there. So no dense copy of the weight
+    is formed (its gradient only if the base weight itself is trained); a step's peak is that of the activations.
+    Each output entry is still one full-length product, as in a single matrix product (whether a BLAS sums it in the
+    same order for the narrower matrix of a block is the BLAS's choice).
     """
 
     @staticmethod
@@ -111,44 +190,68 @@ class _ChildLinearFunction(torch.autograd.Function):
         positions: torch.Tensor,
         bias: Optional[torch.Tensor],
         weight_is_in_by_out: bool,
+        blocks: BlockPlan,
     ) -> torch.Tensor:
         composed = scatter_child(weight, values, positions)
         output = F.linear(x, composed.t() if weight_is_in_by_out else composed, bias)
         ctx.save_for_backward(x, weight, values, positions)
         ctx.weight_is_in_by_out = weight_is_in_by_out
+        ctx.blocks = blocks
         ctx.bias_dtype = None if bias is None else bias.dtype
         return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         x, weight, values, positions = ctx.saved_tensors
+        blocks: BlockPlan = ctx.blocks
         grad_x = grad_weight = grad_values = grad_bias = None
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        index = expand_positions(positions, values.numel())  # once for the three uses below
+        index = expand_positions(positions, values.numel())  # once for every block below
+        cols = weight.shape[1]
         if ctx.needs_input_grad[0]:
-            composed = scatter_child(weight, values, index).to(grad_output.dtype)
-            linear_weight = composed.t() if ctx.weight_is_in_by_out else composed
-            grad_x = (grad_output @ linear_weight).to(x.dtype)
-            del composed, linear_weight  # not alive while the dense weight gradient is formed
+            pieces = []  # grad_x's columns, a block at a time
+            if ctx.weight_is_in_by_out:  # grad_x = g @ W_child^T: W's rows are grad_x's columns
+                for row_start, row_stop, start, stop, local in _row_blocks(index, cols, blocks):
+                    block = scatter_child(weight[row_start:row_stop], values[start:stop], local)
+                    pieces.append(grad_rows @ block.to(grad_rows.dtype).t())
+            else:  # grad_x = g @ W_child: W's columns are grad_x's columns
+                for col_start, col_stop, block_values, local in _column_blocks(values, index, cols, blocks):
+                    block = scatter_child(weight[:, col_start:col_stop], block_values, local)
+                    pieces.append(grad_rows @ block.to(grad_rows.dtype))
+            grad_x = _joined(pieces, 1).view(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            x_rows = x.reshape(-1, x.shape[-1]).to(grad_output.dtype)
-            dense = x_rows.t() @ grad_rows if ctx.weight_is_in_by_out else grad_rows.t() @ x_rows
+            x_rows = x.reshape(-1, x.shape[-1]).to(grad_rows.dtype)
+            # the weight gradient, g^T x (Linear) or x^T g (Conv1D): W's rows are the left factor's columns
+            left, right = (x_rows, grad_rows) if ctx.weight_is_in_by_out else (grad_rows, x_rows)
+            values_pieces, weight_pieces = [], []
+            for row_start, row_stop, _, _, local in _row_blocks(index, cols, blocks):
+                dense = (left[:, row_start:row_stop].t() @ right).view(-1)
+                if ctx.needs_input_grad[2]:
+                    values_pieces.append(dense.index_select(0, local))
+                if ctx.needs_input_grad[1]:  # the base weight is trained too: its gradient is dense, zero at the child
+                    weight_pieces.append(dense.index_fill_(0, local, 0).view(row_stop - row_start, cols))
             if ctx.needs_input_grad[2]:
-                grad_values = gather_child(dense, index).to(values.dtype)
+                grad_values = _joined(values_pieces, 0).to(values.dtype)
             if ctx.needs_input_grad[1]:
-                grad_weight = dense.reshape(-1).index_fill(0, index, 0).view_as(weight).to(weight.dtype)
+                grad_weight = _joined(weight_pieces, 0).to(weight.dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_rows.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_values, None, grad_bias, None
+        return grad_x, grad_weight, grad_values, None, grad_bias, None, None
+
+
+def _joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The blocks' results as one tensor (the one block's itself: no copy where the weight is one block)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 class DecodedPositions(NamedTuple):
     """Decoded child positions as the layer holds them (`sparse_format.held_positions`: often the encoded tensor
-    itself), and the encoded positions tensor they were decoded from (held, so that its identity cannot pass to a
-    new tensor)."""
+    itself), the encoded positions tensor they were decoded from (held, so that its identity cannot pass to a new
+    tensor), and for the weight of a Linear or Conv1D the blocks its backward works through."""
 
     encoded: torch.Tensor
     positions: torch.Tensor
+    blocks: Optional[BlockPlan]
 
 
 class ChildTuningLayer(BaseTunerLayer):
@@ -351,7 +454,12 @@ class ChildTuningLayer(BaseTunerLayer):
         return expand_positions(held, self.child_size(adapter_name, tensor_name), index_dtype(numel))
 
     def _held_positions(self, adapter_name: str, tensor_name: str) -> Optional[torch.Tensor]:
-        """`_positions` as the layer holds them (`sparse_format.held_positions`), for `expand_positions` at each use.
+        """`_positions` as the layer holds them (`sparse_format.held_positions`), for `expand_positions` at each use."""
+        decoded = self._decoded(adapter_name, tensor_name)
+        return None if decoded is None else decoded.positions
+
+    def _decoded(self, adapter_name: str, tensor_name: str) -> Optional[DecodedPositions]:
+        """The adapter's decoded positions in one tensor, or None where it tunes every entry (mode f).
 
         Decoded once per encoded positions tensor (`_decode_positions`); a lookup and an identity check afterwards,
         which torch.compile traces (and guards on) without breaking the graph. A tensor replaced (a new child
@@ -364,7 +472,7 @@ class ChildTuningLayer(BaseTunerLayer):
         cached = self._decoded_positions.get((adapter_name, tensor_name))
         if cached is None or cached.encoded is not encoded_positions[adapter_name]:
             cached = self._decode_positions(adapter_name, tensor_name)
-        return cached.positions
+        return cached
 
     def _merge_positions(self, adapter_name: str, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(what `unmerge` will expand, the sorted int64 positions) for merging one adapter's tensor.
@@ -385,7 +493,11 @@ class ChildTuningLayer(BaseTunerLayer):
         encoded = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])[adapter_name]
         positions = self._checked_positions(adapter_name, tensor_name).to(encoded.device)
         encoding = self.childtuning_spec[adapter_name].encodings[tensor_name]
-        decoded = DecodedPositions(encoded, held_positions(encoded, positions, encoding))
+        base = self.get_base_layer()
+        blocks = None
+        if tensor_name == "weight" and isinstance(base, (nn.Linear, Conv1D)):
+            blocks = block_plan(positions, base.weight.shape)
+        decoded = DecodedPositions(encoded, held_positions(encoded, positions, encoding), blocks)
         self._decoded_positions[(adapter_name, tensor_name)] = decoded
         return decoded
 
@@ -425,7 +537,7 @@ class ChildTuningLayer(BaseTunerLayer):
         """Every tensor the layer holds for child positions (encoded buffers, decoded caches), for memory accounting;
         a tensor may appear twice when one is the other."""
         held = [*self.childtuning_positions.values(), *self.childtuning_bias_positions.values()]
-        held += [tensor for decoded in self._decoded_positions.values() for tensor in decoded]
+        held += [tensor for decoded in self._decoded_positions.values() for tensor in decoded[:2]]
         return held + [tensor for validated in self._validated_positions.values() for tensor in validated]
 
     def compose(self, tensor_name: str, adapter_names: list[str]) -> torch.Tensor:
@@ -649,10 +761,12 @@ class ChildTuningModule(nn.Module, ChildTuningLayer):
         if isinstance(base, (nn.Linear, Conv1D)) and not args and not kwargs:
             weight_is_in_by_out = isinstance(base, Conv1D)
             bias = self.compose("bias", active) if "bias" in tuned else base.bias
-            positions = self._held_positions(active[0], "weight") if len(active) == 1 else None
-            if positions is not None:
+            decoded = self._decoded(active[0], "weight") if len(active) == 1 else None
+            if decoded is not None:
                 values = self._trainable_values(active[0], "weight")
-                return _ChildLinearFunction.apply(x, base.weight, values, positions, bias, weight_is_in_by_out)
+                return _ChildLinearFunction.apply(
+                    x, base.weight, values, decoded.positions, bias, weight_is_in_by_out, decoded.blocks
+                )
             weight = self.compose("weight", active)
             return F.linear(x, weight.t() if weight_is_in_by_out else weight, bias)
         overrides = {name: self.compose(name, active) for name in tuned}

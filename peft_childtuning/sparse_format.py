@@ -274,7 +274,8 @@ def held_positions(encoded: torch.Tensor, positions: torch.Tensor, encoding: str
     if encoding != "bitmap":
         return encoded
     if positions.numel() and int(positions[-1]) >= _GAP16X_MAX:  # a gap may be too wide: the positions as they are
-        return positions
+        # int32 where the tensor allows: held for good, so 4 bytes per child entry rather than int64's 8
+        return positions.to(index_dtype(int(positions[-1]) + 1))
     return _gap_stream(positions.long())
 
 

@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 
 from peft_childtuning import ChildTuningConfig
 from peft_childtuning.gradient_mask import _masked_gradient_op, masked_gradient
+from peft_childtuning.layer import _BLOCK_ENTRIES
 
 BERT = ARCHS["bert"]
 P = 0.3
@@ -67,10 +68,10 @@ def test_training_forward_is_as_few_graphs_as_loras(mode, lora_graphs):
     assert explanation.graph_count <= lora_graphs[0] and explanation.graph_break_count <= lora_graphs[1]
 
 
-def mlp_model(seed: int) -> torch.nn.Module:
+def mlp_model(seed: int, hidden: int = 16, inner: int = 32) -> torch.nn.Module:
     """Two Linear layers with a random mode-d child network and values off the base: small, so quick to trace."""
     torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    base = torch.nn.Sequential(torch.nn.Linear(hidden, inner), torch.nn.ReLU(), torch.nn.Linear(inner, 4))
     config = ChildTuningConfig(
         mode="d", selection="random", reserve_p=P, seed=seed, init_weights=False, target_modules=["0", "2"]
     )
@@ -141,6 +142,28 @@ def test_compiled_forward_follows_a_child_network_loaded_in_place():
         assert all(layer.childtuning_positions["default"] is tensor for layer, tensor in zip(layers, encoded))
         assert not torch.equal(model(x), mlp_model(seed=3)(x))
         assert torch.equal(compiled(x), other(x))
+
+
+def test_a_backward_by_blocks_compiles_into_one_graph_and_follows_a_new_child_network():
+    """A weight over `_BLOCK_ENTRIES` entries takes the backward by blocks, whose entry counts (`BlockPlan`) the trace
+    holds as constants: compiled gradients equal eager ones bit for bit, also after another child network (other
+    counts) is loaded in place, which must not reuse the traced counts."""
+    model, other, x = mlp_model(3, 2048, 2560), mlp_model(4, 2048, 2560), torch.randn(5, 2048)
+    assert model.base_model.model[0].get_base_layer().weight.numel() > _BLOCK_ENTRIES
+    with torch.no_grad():
+        model(x)
+    assert (explain(model, x).graph_count, explain(model, x).graph_break_count) == (1, 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        gradients = []
+        for forward in (model, compiled):
+            forward(x).square().sum().backward()
+            gradients.append([parameter.grad for parameter in trainable_parameters(model)])
+            model.zero_grad(set_to_none=True)
+        assert all(torch.equal(a, b) for a, b in zip(*gradients))
+        loaded = {k: v for k, v in other.state_dict().items() if ".childtuning_" in k}
+        model.load_state_dict(loaded, strict=False)
 
 
 def test_mask_operator_is_opaque_to_compile_and_differentiable():

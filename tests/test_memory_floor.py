@@ -3,18 +3,29 @@
 A mode-"d" layer holds, per child entry, its fp32 value (4 bytes) and AdamW's two moments (8) and, for its position,
 the encoded tensor a checkpoint needs plus whatever the layer keeps decoded (`sparse_format.held_positions`): at
 most 4 bytes in all. Counted from the tensors themselves (each storage once), not from RSS, so deterministic.
-The CUDA tests are skipped without a GPU.
+The backward of a large weight works through blocks of it and forms no tensor the size of the weight (recorded op by
+op). The CUDA tests are skipped without a GPU.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_childtuning import ChildTuningConfig
-from peft_childtuning.layer import ChildTuningLayer, scatter_child
+from peft_childtuning.layer import (
+    _BLOCK_ENTRIES,
+    _MAX_BLOCKS,
+    ChildTuningLayer,
+    _ChildLinearFunction,
+    block_plan,
+    scatter_child,
+)
 from peft_childtuning.sparse_format import (
     choose_encoding,
     decode_positions,
@@ -27,23 +38,28 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 class TwoLinear(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 256, inner: int = 1024) -> None:
         super().__init__()
-        self.up = nn.Linear(256, 1024)
-        self.down = nn.Linear(1024, 256)
+        self.up = nn.Linear(hidden, inner)
+        self.down = nn.Linear(inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(torch.relu(self.up(x)))
 
 
-def _model(reserve_p: float, device: str = "cpu") -> nn.Module:
+# weights of 5.2M entries: more than `_BLOCK_ENTRIES`, so their backward works through blocks
+WIDE = {"hidden": 2048, "inner": 2560}
+
+
+def _model(reserve_p: float, device: str = "cpu", **sizes: int) -> nn.Module:
     torch.manual_seed(0)
     config = ChildTuningConfig(mode="d", reserve_p=reserve_p, selection="random", target_modules=["up", "down"])
-    return get_peft_model(TwoLinear().to(device), config)
+    return get_peft_model(TwoLinear(**sizes).to(device), config)
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: str = "cpu") -> None:
-    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(1)).to(device)
+    hidden = model.get_base_model().up.in_features
+    x = torch.randn(8, hidden, generator=torch.Generator().manual_seed(1)).to(device)
     model(x).square().mean().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -131,6 +147,76 @@ def test_scatter_in_place_is_bit_identical_to_out_of_place() -> None:
     assert torch.equal(scatter_child(base, values, gaps), expected)
 
 
+# ------------------------------------------------------------------------------------------------ backward by blocks
+class _LargestTensor(TorchDispatchMode):
+    """Records the most entries of any tensor an op creates while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        output = func(*args, **(kwargs or {}))
+        for tensor in output if isinstance(output, (tuple, list)) else [output]:
+            if isinstance(tensor, torch.Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return output
+
+
+def _largest_in_backward(loss: Callable[[], torch.Tensor]) -> int:
+    output = loss()
+    with _LargestTensor() as recorder:
+        output.backward()
+    return recorder.numel
+
+
+@pytest.mark.parametrize("reserve_p", [0.01, 0.3])
+def test_the_backward_of_a_large_weight_forms_no_tensor_of_its_size(reserve_p: float) -> None:
+    """A dense composed weight or weight gradient in the backward (one layer's, the size of the weight) is caught."""
+    model = _model(reserve_p, **WIDE)
+    weight = model.get_base_model().up.weight
+    assert weight.numel() > _BLOCK_ENTRIES
+    x = torch.randn(8, WIDE["hidden"])
+    layers = [module for module in model.modules() if isinstance(module, ChildTuningLayer)]
+    largest = _largest_in_backward(lambda: model(x).square().sum())
+    # a block, or what is as long as a layer's child entries (their positions, their gradient)
+    children = max(layer.child_size("default", "weight") for layer in layers)
+    assert largest <= max(_BLOCK_ENTRIES, weight.numel() // _MAX_BLOCKS, children) < weight.numel(), largest
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # the control: the same layers' backward with the weight as one block forms the dense weight gradient
+    for layer in layers:
+        decoded = layer._decoded("default", "weight")
+        whole = block_plan(decoded.positions, layer.get_base_layer().weight.shape, block_entries=weight.numel())
+        layer._decoded_positions[("default", "weight")] = decoded._replace(blocks=whole)
+    assert _largest_in_backward(lambda: model(x).square().sum()) >= weight.numel()
+
+
+@pytest.mark.parametrize("weight_is_in_by_out", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("block_entries", [1, 40, 97])
+def test_the_backward_by_blocks_equals_the_backward_of_the_whole_weight(weight_is_in_by_out, block_entries) -> None:
+    """Every gradient (input, child values, bias, a trained base weight) bit for bit, whatever the blocks. Integer
+    values in float64 make every sum exact, so the equality checks the blocks and not a BLAS's summation order."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (24, 19) if weight_is_in_by_out else (19, 24)
+
+    def integers(*size: int) -> torch.Tensor:
+        return torch.randint(-8, 9, size, generator=generator).double()
+
+    positions = torch.randperm(24 * 19, generator=generator)[:150].sort().values.to(torch.int32)
+    inputs = (integers(2, 5, 24), integers(*shape), integers(150), integers(19))
+    upstream = integers(2, 5, 19)
+    blocked = block_plan(positions, shape, block_entries)
+    assert len(blocked.row_bounds) > 2 and len(blocked.col_bounds) > 2
+    gradients = []
+    for blocks in (blocked, block_plan(positions, shape, 24 * 19)):
+        leaves = [tensor.clone().requires_grad_(True) for tensor in inputs]
+        x, weight, values, bias = leaves
+        output = _ChildLinearFunction.apply(x, weight, values, positions, bias, weight_is_in_by_out, blocks)
+        gradients.append(torch.autograd.grad(output, leaves, upstream))
+    for blocked, whole in zip(*gradients):
+        assert torch.equal(blocked, whole)
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 @needs_cuda
 @pytest.mark.parametrize("encoding", ["bitmap", "int32", "gap16", "gap16x"])
@@ -150,12 +236,13 @@ def test_encoding_on_the_device_matches_the_cpu(encoding: str) -> None:
 
 
 @needs_cuda
+@pytest.mark.parametrize("sizes", [{}, WIDE], ids=["one-block", "blocks"])
 @pytest.mark.parametrize("reserve_p", [2e-5, 0.05, 0.3])  # 2e-5: gap16x streams (gaps over 16 bits)
-def test_a_training_step_on_cuda_never_syncs(reserve_p: float) -> None:
-    model = _model(reserve_p, device="cuda")
+def test_a_training_step_on_cuda_never_syncs(reserve_p: float, sizes: dict[str, int]) -> None:
+    model = _model(reserve_p, device="cuda", **sizes)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], capturable=True)
     _train_step(model, optimizer, device="cuda")  # decodes (and checks) the positions: syncs, once
-    x = torch.randn(8, 256, device="cuda")
+    x = torch.randn(8, model.get_base_model().up.in_features, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

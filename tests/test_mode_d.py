@@ -587,11 +587,13 @@ def test_single_layer_forward_and_grads_match_dense_linear():
     torch.testing.assert_close(values.grad, dense.grad.reshape(-1)[positions], rtol=0, atol=normwise_atol(dense.grad))
 
 
+@pytest.mark.parametrize("block_entries", [1 << 20, 1, 10], ids=["one-block", "line-blocks", "two-line-blocks"])
 @pytest.mark.parametrize("weight_is_in_by_out", [False, True], ids=["linear", "conv1d"])
-def test_child_linear_function_gradients_including_a_trainable_base(weight_is_in_by_out):
+def test_child_linear_function_gradients_including_a_trainable_base(weight_is_in_by_out, block_entries):
     """Every input's gradient (x, the base weight outside the child, the child values, the bias) against finite
-    differences, with int32 positions as the layers hold them."""
-    from peft_childtuning.layer import _ChildLinearFunction
+    differences, with int32 positions as the layers hold them, the backward working through the weight whole or by
+    blocks of one or two rows and columns."""
+    from peft_childtuning.layer import _ChildLinearFunction, block_plan
 
     generator = torch.Generator().manual_seed(0)
     shape = (4, 5) if weight_is_in_by_out else (5, 4)
@@ -600,9 +602,10 @@ def test_child_linear_function_gradients_including_a_trainable_base(weight_is_in
     values = torch.randn(6, dtype=torch.double, generator=generator).requires_grad_(True)
     bias = torch.randn(5, dtype=torch.double, generator=generator).requires_grad_(True)
     positions = torch.tensor([0, 3, 7, 8, 12, 19], dtype=torch.int32)
+    blocks = block_plan(positions, weight.shape, block_entries)
 
     def child_linear(x, weight, values, bias):
-        return _ChildLinearFunction.apply(x, weight, values, positions, bias, weight_is_in_by_out)
+        return _ChildLinearFunction.apply(x, weight, values, positions, bias, weight_is_in_by_out, blocks)
 
     assert torch.autograd.gradcheck(child_linear, (x, weight, values, bias))
     weight_grad = torch.autograd.grad(child_linear(x, weight, values, bias).sum(), weight)[0]
