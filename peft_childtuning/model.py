@@ -374,6 +374,38 @@ class ChildTuningModel(BaseTuner):
             fisher_chunks=fisher_chunks,
         )
 
+    # ----------------------------------------------------------------------------------------------- composing
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "linear",
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+        seed: int = 0,
+    ) -> None:
+        """Add `adapter_name`, the weighted combination of Child-Tuning `adapters` (task arithmetic on their changes
+        against the base; negative weights subtract). Reached as ``peft_model.add_weighted_adapter(...)``.
+
+        combination_type: "linear" (weighted sum of the changes; child network = the union of the inputs'),
+            "magnitude_prune" / "dare_linear" (each input's changes first trimmed to `density` of its child entries, by
+            magnitude / at random with the kept ones rescaled by 1 / density), "ties" / "dare_ties" (trimmed the same
+            ways, then per entry the sign of the summed changes elected and the agreeing weighted changes averaged),
+            peft's `merge_utils` in every case. Mode-"f" adapters (whole tensors) combine the same way, into a
+            mode-"f" adapter. Modules saved whole (heads) are combined as whole tensors.
+        density: the fraction of each input's child entries kept by the trimming types.
+        seed: seeds DARE's random drop (per input and tensor), so a combination can be repeated exactly.
+
+        The new adapter is an ordinary one (see `compose`): it is neither active nor trainable until
+        ``set_adapter(adapter_name)``.
+        """
+        from .compose import add_weighted_adapter
+
+        add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, density, majority_sign_method, seed
+        )
+
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
         """Buffers DistributedDataParallel must not broadcast: the encoded child positions.
