@@ -13,12 +13,13 @@ from torch import nn
 
 from .config import ChildTuningConfig
 from .constants import TRANSFORMERS_MODELS_TO_CHILDTUNING_TARGET_MODULES_MAPPING
-from .fisher import FisherChunks, LossFunction, child_size, fisher_child_network, proportional_child_sizes
+from .fisher import FisherChunks, LossFunction, proportional_child_sizes
 from .gradient_mask import MaskStepCounter
 from .fingerprint import base_fingerprint
 from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer, ChildTuningModule
 from .loading import attach_load_hooks, check_checkpoint, pending_checkpoint
 from .resizing import gradient_accumulator_is_held
+from .selection import select_child_network
 from .sparse_format import AdapterFormatError
 from .tied_weights import refuse_tied_targets
 
@@ -206,20 +207,19 @@ def detect_child_network(
         )
     total = sum(tensor.numel() for _, _, _, tensor in tuned)
     with _layers_disabled(model):  # the base tensors take the gradient; the adapter must not hide entries
-        positions = fisher_child_network(
+        positions = select_child_network(
             model,
-            {key: tensor for _, _, key, tensor in tuned},
-            child_size(config.reserve_p, total),
             dataloader,
+            config.reserve_p,
+            tensors={key: tensor for _, _, key, tensor in tuned},
             num_batches=num_batches,
             loss_fn=loss_fn,
             max_grad_norm=max_grad_norm,
             progress=progress,
             fisher_chunks=fisher_chunks,
         )
-    for index, (layer, tensor_name, _, _) in enumerate(tuned):
-        layer.set_child_network(adapter_name, tensor_name, positions[index])
-        positions[index] = None  # type: ignore[call-overload]  # the layer holds them in its own encoding
+    for layer, tensor_name, key, _ in tuned:  # popped: the layer holds them in its own encoding
+        layer.set_child_network(adapter_name, tensor_name, positions.pop(key))
     record_child_network(model, config, adapter_name)
     chosen_total = sum(config.child_sizes.values())
     logger.info(
