@@ -93,13 +93,14 @@ def combine_tensor(
     size = base32.numel() if union is None else union.numel()
     on_union = base32 if union is None else base32[union]
     linear_membership = COMBINATION_TYPES[combination.combination_type][0] is None
-    changes, members, slots = [], [], []
+    changes, members, slots, untrimmed = [], [], [], []
     for index, (positions, values) in enumerate(inputs):
         if positions is None:
             slot = torch.arange(size, device=base32.device)
         else:
             slot = positions.long() if union is None else torch.searchsorted(union, positions.long())
-        change = combination.trimmed(values.detach().reshape(-1).float() - on_union[slot], index, key)
+        untrimmed.append(values.detach().reshape(-1).float() - on_union[slot])
+        change = combination.trimmed(untrimmed[-1], index, key)
         row = torch.zeros(size, device=base32.device)
         row[slot] = change
         member = torch.zeros(size, dtype=torch.bool, device=base32.device)
@@ -110,8 +111,8 @@ def combine_tensor(
     combined = combination.combined(changes)
     result = (on_union + combined).to(base.dtype)
     sole = torch.stack(members).sum(0) == 1
-    for (_, values), row, member, slot in zip(inputs, changes, members, slots):
-        exact = (sole & member & (combined == row))[slot]  # its change alone, unscaled: its own value
+    for (_, values), member, slot, change in zip(inputs, members, slots, untrimmed):
+        exact = (sole & member)[slot] & (combined[slot] == change)  # its change alone, unscaled: its own value
         result[slot[exact]] = values.detach().reshape(-1)[exact].to(base.dtype)
     if union is None:
         return None, result
@@ -144,7 +145,12 @@ def add_weighted_adapter(
     heads = _combined_heads(tuner.model, adapters, combination)
     config = _combined_config(tuner, configs, combined, dense)
     tuner.peft_config[adapter_name] = config
+    # peft unmerges the model to inject an adapter: adapters merged at load are merged again afterwards
+    merged = {layer: list(layer.merged_adapters) for layer in _layers(tuner.model) if layer.merged}
     tuner.inject_adapter(tuner.model, adapter_name)
+    for layer, names in merged.items():
+        if not layer.merged:
+            layer.merge(adapter_names=names)
     with torch.no_grad():
         for layer, tensor_name in _tuned_by_any(tuner.model, [adapter_name]):
             # a whole tensor that no input tunes (mode "f") is the base's; an empty child network is not tuned
@@ -212,12 +218,15 @@ def _checked_combination(
     return Combination(combination_type, tuple(float(w) for w in weights), density, majority_sign_method, seed)
 
 
+def _layers(model: nn.Module) -> Iterator[ChildTuningLayer]:
+    return (module for module in model.modules() if isinstance(module, ChildTuningLayer))
+
+
 def _tuned_by_any(model: nn.Module, adapters: Sequence[str]) -> Iterator[tuple[ChildTuningLayer, str]]:
-    for module in model.modules():
-        if isinstance(module, ChildTuningLayer):
-            for tensor_name in TUNED_TENSOR_CONTAINERS:
-                if any(tensor_name in module.tuned_tensor_names(name) for name in adapters):
-                    yield module, tensor_name
+    for layer in _layers(model):
+        for tensor_name in TUNED_TENSOR_CONTAINERS:
+            if any(tensor_name in layer.tuned_tensor_names(name) for name in adapters):
+                yield layer, tensor_name
 
 
 def _input_of(
