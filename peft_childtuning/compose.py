@@ -132,8 +132,9 @@ def add_weighted_adapter(
 ) -> None:
     """Add adapter `adapter_name`, the weighted combination of the Child-Tuning `adapters`; see
     `ChildTuningModel.add_weighted_adapter`."""
-    combination = _checked_combination(tuner, adapters, weights, adapter_name, combination_type, density,
-                                       majority_sign_method, seed)
+    combination = _checked_combination(
+        tuner, adapters, weights, adapter_name, combination_type, density, majority_sign_method, seed
+    )
     configs = [tuner.peft_config[name] for name in adapters]
     dense = any(config.mode == "f" for config in configs)
     combined: dict[tuple[ChildTuningLayer, str], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
@@ -210,8 +211,8 @@ def _checked_combination(
         )
     if not trims and density is not None:
         raise ValueError(
-            f"add_weighted_adapter: density applies to {[name for name, (trim, _) in COMBINATION_TYPES.items() if trim]}"
-            f", not to {combination_type!r}; leave it out."
+            f"add_weighted_adapter: density applies to "
+            f"{[name for name, (trim, _) in COMBINATION_TYPES.items() if trim]}, not to {combination_type!r}; leave it out."
         )
     if majority_sign_method not in SIGN_METHODS:
         raise ValueError(f"add_weighted_adapter: majority_sign_method must be one of {SIGN_METHODS}.")

@@ -56,7 +56,10 @@ def default_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return chosen
 
 
-def _named_tensors(model: nn.Module, tensors: Union[None, Mapping[str, torch.Tensor], Iterable[str]]) -> dict[str, torch.Tensor]:
+Tensors = Union[None, Mapping[str, torch.Tensor], Iterable[str]]
+
+
+def _named_tensors(model: nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
     if tensors is None:
         return default_tensors(model)
     if isinstance(tensors, Mapping):
@@ -94,7 +97,7 @@ def select_child_network(
     reserve_p: Optional[float] = None,
     budget: Budget = "global",
     largest: bool = True,
-    tensors: Union[None, Mapping[str, torch.Tensor], Iterable[str]] = None,
+    tensors: Tensors = None,
     num_batches: Optional[int] = None,
     loss_fn: Optional[LossFunction] = None,
     max_grad_norm: Optional[float] = 1.0,
