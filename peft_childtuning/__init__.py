@@ -13,6 +13,7 @@ from .helpers import install as _install_helpers
 from .hub import enable_peft_model_card, enable_peft_push_to_hub, push_to_hub
 from .loading import install as _install_loaders
 from .registration import CHILDTUNING_PEFT_TYPE
+from .selection import select_child_network, shira_budget, shira_mask_fn
 from .sparse_format import AdapterFormatError
 from .trainer import ChildTuningCallback, prepare_child_network
 
@@ -28,6 +29,9 @@ __all__ = [
     "detect_child_network",
     "prepare_child_network",
     "push_to_hub",
+    "select_child_network",
+    "shira_budget",
+    "shira_mask_fn",
 ]
 
 register_peft_method(name="childtuning", config_cls=ChildTuningConfig, model_cls=ChildTuningModel, prefix="childtuning_")

@@ -13,12 +13,13 @@ from torch import nn
 
 from .config import ChildTuningConfig
 from .constants import TRANSFORMERS_MODELS_TO_CHILDTUNING_TARGET_MODULES_MAPPING
-from .fisher import FisherChunks, LossFunction, child_size, fisher_child_network, proportional_child_sizes
+from .fisher import FisherChunks, LossFunction, proportional_child_sizes
 from .gradient_mask import MaskStepCounter
 from .fingerprint import base_fingerprint
 from .layer import TUNED_TENSOR_CONTAINERS, ChildTuningLayer, ChildTuningModule
 from .loading import attach_load_hooks, check_checkpoint, pending_checkpoint
 from .resizing import gradient_accumulator_is_held
+from .selection import select_child_network
 from .sparse_format import VARIABLE_LENGTH_ENCODINGS, AdapterFormatError, encoded_length
 from .tied_weights import refuse_tied_targets
 
@@ -211,20 +212,19 @@ def detect_child_network(
         )
     total = sum(tensor.numel() for _, _, _, tensor in tuned)
     with _layers_disabled(model):  # the base tensors take the gradient; the adapter must not hide entries
-        positions = fisher_child_network(
+        positions = select_child_network(
             model,
-            {key: tensor for _, _, key, tensor in tuned},
-            child_size(config.reserve_p, total),
             dataloader,
+            config.reserve_p,
+            tensors={key: tensor for _, _, key, tensor in tuned},
             num_batches=num_batches,
             loss_fn=loss_fn,
             max_grad_norm=max_grad_norm,
             progress=progress,
             fisher_chunks=fisher_chunks,
         )
-    for index, (layer, tensor_name, _, _) in enumerate(tuned):
-        layer.set_child_network(adapter_name, tensor_name, positions[index])
-        positions[index] = None  # type: ignore[call-overload]  # the layer holds them in its own encoding
+    for layer, tensor_name, key, _ in tuned:  # popped: the layer holds them in its own encoding
+        layer.set_child_network(adapter_name, tensor_name, positions.pop(key))
     record_child_network(model, config, adapter_name)
     chosen_total = sum(config.child_sizes.values())
     logger.info(
@@ -377,6 +377,38 @@ class ChildTuningModel(BaseTuner):
             adapter_name=adapter_name,
             progress=progress,
             fisher_chunks=fisher_chunks,
+        )
+
+    # ----------------------------------------------------------------------------------------------- composing
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "linear",
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+        seed: int = 0,
+    ) -> None:
+        """Add `adapter_name`, the weighted combination of Child-Tuning `adapters` (task arithmetic on their changes
+        against the base; negative weights subtract). Reached as ``peft_model.add_weighted_adapter(...)``.
+
+        combination_type: "linear" (weighted sum of the changes; child network = the union of the inputs'),
+            "magnitude_prune" / "dare_linear" (each input's changes first trimmed to `density` of its child entries, by
+            magnitude / at random with the kept ones rescaled by 1 / density), "ties" / "dare_ties" (trimmed the same
+            ways, then per entry the sign of the summed changes elected and the agreeing weighted changes averaged),
+            peft's `merge_utils` in every case. Mode-"f" adapters (whole tensors) combine the same way, into a
+            mode-"f" adapter. Modules saved whole (heads) are combined as whole tensors.
+        density: the fraction of each input's child entries kept by the trimming types.
+        seed: seeds DARE's random drop (per input and tensor), so a combination can be repeated exactly.
+
+        The new adapter is an ordinary one (see `compose`): it is neither active nor trainable until
+        ``set_adapter(adapter_name)``.
+        """
+        from .compose import add_weighted_adapter
+
+        add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, density, majority_sign_method, seed
         )
 
     @property

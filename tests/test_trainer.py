@@ -282,7 +282,7 @@ def test_resumed_runs_end_identical_to_an_uninterrupted_run(tmp_path, mode, monk
     def refuse(*args, **kwargs):
         raise AssertionError("a resumed run must take the child network from the checkpoint, not a Fisher pass")
 
-    monkeypatch.setattr(ct_model, "fisher_child_network", refuse)
+    monkeypatch.setattr(ct_model, "select_child_network", refuse)
 
     # a fresh model (mode "d": still waiting for its Fisher pass) and a fresh Trainer resume from checkpoint-3
     fresh = make_model(mode)
@@ -298,7 +298,7 @@ def test_resumed_runs_end_identical_to_an_uninterrupted_run(tmp_path, mode, monk
     stopped = make_model(mode)
     trainer = make_trainer(stopped, tmp_path / "b", max_steps=3, save_strategy="steps", save_steps=3)
     trainer.train()
-    monkeypatch.setattr(ct_model, "fisher_child_network", refuse)
+    monkeypatch.setattr(ct_model, "select_child_network", refuse)
     trainer.args.max_steps = 6
     trainer.train(resume_from_checkpoint=True)
     assert_identical(expected, trained_tensors(stopped))
@@ -312,7 +312,7 @@ def test_prepare_child_network_adopts_a_checkpoints_child_network(tmp_path, monk
     def refuse(*args, **kwargs):
         raise AssertionError("prepare_child_network must adopt the checkpoint's child network, not run a Fisher pass")
 
-    monkeypatch.setattr(ct_model, "fisher_child_network", refuse)
+    monkeypatch.setattr(ct_model, "select_child_network", refuse)
     fresh = make_model("d")
     trainer = make_trainer(fresh, tmp_path)
     summary = prepare_child_network(trainer, resume_from_checkpoint=True)  # the last checkpoint in output_dir

@@ -139,7 +139,7 @@ def test_sft_trainer_resumes_identically(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a resumed run must take the child network from the checkpoint, not a Fisher pass")
 
-    monkeypatch.setattr(ct_model, "fisher_child_network", refuse)
+    monkeypatch.setattr(ct_model, "select_child_network", refuse)
     resumed = make_trainer("llama", tmp_path / "a", save_strategy="steps", save_steps=2)
     assert resumed.model.peft_config["default"].needs_fisher_pass
     resumed.train(resume_from_checkpoint=str(checkpoint))
