@@ -7,8 +7,8 @@ adapter's child entries, in the copy of each weight its first merge made, so a s
 to the child entries. LoRA subtracts and adds a dense B @ A per targeted weight.
 
 Each model's base is saved and loaded back (memory-mapped, as a user's base is), two adapters of each method are
-loaded for inference onto it, and switches alternate between them: the first switch (which, for Child-Tuning, makes
-the copies) is reported apart, the median of the others as the switch time. Methods run in fresh processes,
+loaded for inference onto it, and switches alternate between them: the first switch is reported apart, the median
+of the others as the switch time. Methods run in fresh processes,
 alternating over rounds, at one torch thread (set --threads). Outputs after each switch are checked against a
 model with only that adapter loaded (bit-identical for Child-Tuning, within float32 rounding for LoRA).
 
