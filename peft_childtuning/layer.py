@@ -477,15 +477,15 @@ class ChildTuningLayer(BaseTunerLayer):
     def _merge_positions(self, adapter_name: str, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(what `unmerge` will expand, the sorted int64 positions) for merging one adapter's tensor.
 
-        A merge at load takes the positions checked with the checkpoint and keeps the encoded tensor itself for
-        `unmerge`, so loading for inference never builds the held form that training forwards need; any other merge
-        (switching adapters, say) uses and caches the held form (`_held_positions`)."""
+        `unmerge` always expands the encoded tensor itself (one representation, whichever merge made it). A merge at
+        load takes the positions checked with the checkpoint, so loading for inference never builds the held form
+        that training forwards need; any other merge (switching adapters, say) expands the cached held form."""
         encoded = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])[adapter_name]
         cached = self._decoded_positions.get((adapter_name, tensor_name))
         if (cached is None or cached.encoded is not encoded) and (adapter_name, tensor_name) in self._validated_positions:
             return encoded, self._checked_positions(adapter_name, tensor_name).to(encoded.device)
-        held = self._held_positions(adapter_name, tensor_name)  # decoded once, for every later merge and unmerge
-        return held, expand_positions(held, self.child_size(adapter_name, tensor_name))
+        held = self._held_positions(adapter_name, tensor_name)  # decoded once, for every later merge
+        return encoded, expand_positions(held, self.child_size(adapter_name, tensor_name))
 
     @torch.compiler.disable  # numpy, data-dependent checks: run eagerly, once, rather than traced
     def _decode_positions(self, adapter_name: str, tensor_name: str) -> DecodedPositions:
