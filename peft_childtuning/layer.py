@@ -482,7 +482,8 @@ class ChildTuningLayer(BaseTunerLayer):
         that training forwards need; any other merge (switching adapters, say) expands the cached held form."""
         encoded = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])[adapter_name]
         cached = self._decoded_positions.get((adapter_name, tensor_name))
-        if (cached is None or cached.encoded is not encoded) and (adapter_name, tensor_name) in self._validated_positions:
+        fresh = cached is None or cached.encoded is not encoded
+        if fresh and (adapter_name, tensor_name) in self._validated_positions:
             return encoded, self._checked_positions(adapter_name, tensor_name).to(encoded.device)
         held = self._held_positions(adapter_name, tensor_name)  # decoded once, for every later merge
         return encoded, expand_positions(held, self.child_size(adapter_name, tensor_name))
@@ -562,7 +563,8 @@ class ChildTuningLayer(BaseTunerLayer):
             if positions is None:
                 composed = composed + (values - base_tensor.detach().float().reshape(-1))
             else:
-                composed = composed.index_add(0, positions, values - gather_child(base_tensor.detach(), positions).float())
+                change = values - gather_child(base_tensor.detach(), positions).float()
+                composed = composed.index_add(0, positions, change)
         return composed.to(base_tensor.dtype).view_as(base_tensor)
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
