@@ -481,9 +481,7 @@ class ChildTuningLayer(BaseTunerLayer):
         load takes the positions checked with the checkpoint, so loading for inference never builds the held form
         that training forwards need; any other merge (switching adapters, say) expands the cached held form."""
         encoded = getattr(self, TUNED_TENSOR_CONTAINERS[tensor_name][1])[adapter_name]
-        cached = self._decoded_positions.get((adapter_name, tensor_name))
-        fresh = cached is None or cached.encoded is not encoded
-        if fresh and (adapter_name, tensor_name) in self._validated_positions:
+        if (adapter_name, tensor_name) in self._validated_positions:  # decoded with the checkpoint it came from
             return encoded, self._checked_positions(adapter_name, tensor_name).to(encoded.device)
         held = self._held_positions(adapter_name, tensor_name)  # decoded once, for every later merge
         return encoded, expand_positions(held, self.child_size(adapter_name, tensor_name))
